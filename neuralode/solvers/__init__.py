@@ -2,9 +2,8 @@
 from .errors import MaxStepsError, NonFiniteError, SolverError, StepSizeUnderflowError
 from .odeint import GRAD_MODES, odeint, odeint_adjoint
 from .stats import SolveStats, StatsRecorder, record_stats
+from .methods import METHODS
 from .tableau import TABLEAUS, ButcherTableau
-
-METHODS = tuple(TABLEAUS)
 __all__ = [
     "odeint", "odeint_adjoint", "record_stats", "SolveStats", "StatsRecorder", "SolverError",
     "StepSizeUnderflowError", "MaxStepsError", "NonFiniteError", "ButcherTableau", "TABLEAUS", "METHODS", "GRAD_MODES",

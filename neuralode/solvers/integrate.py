@@ -14,8 +14,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .errors import STIFF_HINT, MaxStepsError, NonFiniteError, StepSizeUnderflowError
-from .rk import Step, end_derivative, error_vectors, interpolate, rk_step
-from .tableau import ButcherTableau
+from .stats import SolveStats
+from .rk import Step
 
 Norm = Callable[[torch.Tensor], torch.Tensor]
 
@@ -51,11 +51,13 @@ class Problem:
     """What the loop needs: ``func(t: float, y)`` already counts NFE and builds the time tensor."""
 
     func: Callable[[float, torch.Tensor], torch.Tensor]
-    tableau: ButcherTableau
+    method: object  # ExplicitRK or any object with its interface
     rtol: object  # float or tensor broadcastable to the state
     atol: object
     norm: Norm
     opts: Options
+    stats: Optional[SolveStats] = None  # accepted/rejected steps are added here
+    backward: bool = False
 
 
 @dataclass
@@ -86,7 +88,7 @@ def _error_ratio(prob: Problem, step: Step, abs_y: torch.Tensor) -> Tuple[float,
     with torch.no_grad():
         abs_y1 = step.y1.abs()
         scale = _error_scale(prob, abs_y, abs_y1)
-        norms = [prob.norm(e.div_(scale)) for e in error_vectors(prob.tableau, step)]
+        norms = [prob.norm(e.div_(scale)) for e in prob.method.error_vectors(step)]
         if len(norms) == 1:
             return float(norms[0]), abs_y1
         e5, e3 = torch.stack(norms).tolist()  # DOP853 blends its 5th- and 3rd-order estimates
@@ -106,7 +108,7 @@ def initial_step(prob: Problem, t0: float, y0: torch.Tensor, f0: torch.Tensor, d
     if max(d1, d2) <= 1e-15:
         h1 = max(1e-6, h0 * 1e-3)
     else:
-        h1 = (0.01 / max(d1, d2)) ** (1.0 / (prob.tableau.controller_order + 1))
+        h1 = (0.01 / max(d1, d2)) ** (1.0 / (prob.method.controller_order + 1))
     return min(100 * h0, h1, prob.opts.max_step)
 
 
@@ -118,7 +120,7 @@ class _Controller:
         pi = o.controller == "PI"
         self.pcoeff = o.pcoeff if o.pcoeff is not None else (0.2 if pi else 0.0)
         self.icoeff = o.icoeff if o.icoeff is not None else (0.65 if pi else 1.0)
-        self.k = prob.tableau.controller_order + 1
+        self.k = prob.method.controller_order + 1
         self.o = o
         self.prev_ratio = 1.0
 
@@ -142,21 +144,36 @@ def _stops(prob: Problem, t0: float, t1: float, direction: float) -> Tuple[List[
     return stops, {float(s) for s in prob.opts.jump_t}
 
 
-def solve(
+def solve(prob: Problem, y0: torch.Tensor, ts: Sequence[float], **kwargs) -> Result:
+    """Integrate from ts[0] through ts[-1]; return the state at every ts[i]."""
+    res = Result([y0])
+    try:
+        _solve(prob, y0, ts, res, **kwargs)
+    finally:
+        if prob.stats is not None:
+            if prob.backward:
+                prob.stats.n_accepted_backward += res.n_accepted
+                prob.stats.n_rejected_backward += res.n_rejected
+            else:
+                prob.stats.n_accepted += res.n_accepted
+                prob.stats.n_rejected += res.n_rejected
+    return res
+
+
+def _solve(
     prob: Problem,
     y0: torch.Tensor,
     ts: Sequence[float],
+    res: Result,
     *,
     f0: Optional[torch.Tensor] = None,
     first_step: Optional[float] = None,
     trace: Optional[Trace] = None,
-) -> Result:
-    """Integrate from ts[0] through ts[-1]; return the state at every ts[i]."""
-    o, tab, func = prob.opts, prob.tableau, prob.func
+) -> None:
+    o, method, func = prob.opts, prob.method, prob.func
     t, t_end = float(ts[0]), float(ts[-1])
-    res = Result([y0])
     if len(ts) == 1:
-        return res
+        return
     direction = 1.0 if t_end > t else -1.0
     stops, jumps = _stops(prob, t, t_end, direction)
     fixed = o.step_size is not None
@@ -184,7 +201,7 @@ def solve(
                 f"max_num_steps={o.max_num_steps} exceeded at t={t:.6g} (integrating to {t_end:.6g}, dt={dt:.3g}). "
                 "Raise options['max_num_steps'] if the solve is just long; " + STIFF_HINT
             )
-        step = rk_step(func, tab, t, dt, y, f0)
+        step = method.step(func, t, dt, y, f0)
         if not fixed:
             ratio, abs_y1 = _error_ratio(prob, step, abs_y)
             if not math.isfinite(ratio):
@@ -219,15 +236,15 @@ def solve(
         if landing:
             stop_i += 1
             if stop_i == len(stops):
-                return res
+                return
         t, y = t_next, step.y1
-        f0 = func(t, y) if on_jump else end_derivative(func, step)  # re-evaluate after a discontinuity
+        f0 = func(t, y) if on_jump else method.end_derivative(func, step)  # re-evaluate after a discontinuity
 
 
 def _emit(prob: Problem, step: Step, ts: Sequence[float], i: int, outputs: List[torch.Tensor], t_next: float, direction: float) -> int:
     """Append the outputs that fall in (t, t_next]; the step itself is never shortened for them."""
     while i < len(ts) and direction * (ts[i] - t_next) <= 0:
-        outputs.append(step.y1 if ts[i] == t_next else interpolate(prob.func, prob.tableau, step, ts[i]))
+        outputs.append(step.y1 if ts[i] == t_next else prob.method.interpolate(prob.func, step, ts[i]))
         i += 1
     return i
 
@@ -235,15 +252,15 @@ def _emit(prob: Problem, step: Step, ts: Sequence[float], i: int, outputs: List[
 def replay(prob: Problem, y: torch.Tensor, steps: Sequence[Tuple[float, float, bool]], ts: Sequence[float]) -> List[torch.Tensor]:
     """Re-run recorded steps exactly (no error control) and return the outputs at ``ts`` among them
     followed by the final state. Checkpointed gradients use it to rebuild one segment's graph."""
-    func, tab = prob.func, prob.tableau
+    func, method = prob.func, prob.method
     direction = 1.0 if steps[0][1] > steps[0][0] else -1.0
     outputs: List[torch.Tensor] = []
     i = 0
     f0 = func(steps[0][0], y)
     for n, (t, t_next, on_jump) in enumerate(steps):
-        step = rk_step(func, tab, t, t_next - t, y, f0)
+        step = method.step(func, t, t_next - t, y, f0)
         i = _emit(prob, step, ts, i, outputs, t_next, direction)
         y = step.y1
         if n + 1 < len(steps):
-            f0 = func(t_next, y) if on_jump else end_derivative(func, step)
+            f0 = func(t_next, y) if on_jump else method.end_derivative(func, step)
     return outputs + [y]

@@ -12,7 +12,7 @@ from .adjoint import BacksolveAdjoint, adjoint_norm
 from .checkpoint import CheckpointedSolve
 from .integrate import Options, Problem, rms_norm, solve
 from .stats import SolveStats, new_solve_stats
-from .tableau import TABLEAUS
+from .methods import METHODS
 
 State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 GRAD_MODES = ("direct", "adjoint", "checkpoint")
@@ -132,7 +132,7 @@ def _options(options: Optional[dict], method: str, allow_seminorm: bool = False)
     opts = Options(**options)
     if opts.step_size is not None and not opts.step_size > 0:
         raise ValueError(f"step_size must be positive, got {opts.step_size}")
-    if opts.step_size is None and not TABLEAUS[method].adaptive:
+    if opts.step_size is None and not METHODS[method].adaptive:
         raise ValueError(f"method {method!r} is fixed-step: pass options=dict(step_size=...)")
     if opts.controller not in ("I", "PI"):
         raise ValueError(f"controller must be 'I' or 'PI', got {opts.controller!r}")
@@ -153,8 +153,8 @@ def _options(options: Optional[dict], method: str, allow_seminorm: bool = False)
 
 def _method(method: Optional[str]) -> str:
     method = method or "dopri5"
-    if method not in TABLEAUS:
-        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(TABLEAUS)}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
     return method
 
 
@@ -199,7 +199,7 @@ def odeint(
     t_dtype = opts.time_dtype or y0_flat.dtype
     make_func = lambda backward: _Func(func, structure, t_dtype, y0_flat.device, y0_flat.dtype, stats, backward)
     norm = _user_norm(opts.norm, structure) if opts.norm is not None else rms_norm
-    prob = Problem(make_func(False), TABLEAUS[method], rtol_, atol_, norm, opts)
+    prob = Problem(make_func(False), METHODS[method], rtol_, atol_, norm, opts, stats)
 
     if t.requires_grad:  # moving t0 by dt moves y0 by -f(t0, y0) dt (the outputs' t_i are handled below)
         with torch.no_grad():
@@ -209,9 +209,8 @@ def odeint(
     if grad == "direct":
         res = solve(prob, y0_flat, ts)
         ys = torch.stack(res.outputs)
-        stats.n_accepted, stats.n_rejected = res.n_accepted, res.n_rejected
     elif grad == "checkpoint":
-        ys = CheckpointedSolve.apply(prob, lambda: dataclasses.replace(prob, func=make_func(True)), y0_flat, ts, *params)
+        ys = CheckpointedSolve.apply(prob, lambda: dataclasses.replace(prob, func=make_func(True), stats=None), y0_flat, ts, *params)
     else:
         adj = _adjoint_problem(prob, make_func, structure, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options, y0_flat)
         ys = BacksolveAdjoint.apply(prob, adj, y0_flat, ts, *params)
@@ -242,7 +241,7 @@ def _adjoint_params(func, adjoint_params) -> Tuple[torch.Tensor, ...]:
 
 def _adjoint_problem(prob, make_func, structure, rtol, atol, method, options, y0_flat):
     """A factory, called in backward once the augmented sizes are known."""
-    method = _method(method or prob.tableau.name)
+    method = _method(method or prob.method.name)
     base = {f.name: getattr(prob.opts, f.name) for f in dataclasses.fields(Options) if f.name != "norm"}
     opts = _options({**base, **(options or {})} if options is not None else base, method, allow_seminorm=True)
     as_float = lambda tol, fallback: float(tol) if tol is not None else (fallback if isinstance(fallback, float) else float(fallback.min()))
@@ -255,7 +254,7 @@ def _adjoint_problem(prob, make_func, structure, rtol, atol, method, options, y0
         user = opts.norm
         norm = user if callable(user) else adjoint_norm(n_state, n_params, seminorm=user == "seminorm")
         counting = make_func(True)
-        return Problem(None, TABLEAUS[method], rtol_, atol_, norm, opts), counting
+        return Problem(None, METHODS[method], rtol_, atol_, norm, opts, counting.stats, backward=True), counting
 
     return make
 

@@ -37,37 +37,48 @@ class Step:
         self.t, self.h, self.y, self.y1, self.ks, self.f1 = t, h, y, y1, ks, f1
 
 
-def rk_step(func: Func, tab: ButcherTableau, t: float, h: float, y: torch.Tensor, f0: torch.Tensor) -> Step:
-    ks = [f0]
-    yi = y
-    for ci, row in zip(tab.c[1:], tab.a):
-        yi = combine(y, h, row, ks)
-        ks.append(func(t + ci * h, yi))
-    if tab.fsal:  # the last stage was evaluated at y1 itself
-        return Step(t, h, y, yi, ks, ks[-1])
-    return Step(t, h, y, combine(y, h, tab.b, ks), ks, None)
+class ExplicitRK:
+    """A step method driven by a Butcher tableau. The loop in ``integrate`` talks to any method
+    through this interface (``step``, ``error_vectors``, ``end_derivative``, ``interpolate``,
+    ``order``, ``controller_order``, ``adaptive``, ``fsal``), so implicit methods plug in alongside."""
 
+    def __init__(self, tableau: ButcherTableau):
+        self.tableau = tableau
+        self.name, self.order, self.fsal, self.adaptive = tableau.name, tableau.order, tableau.fsal, tableau.adaptive
+        self.controller_order = tableau.controller_order
 
-def error_vectors(tab: ButcherTableau, step: Step) -> List[torch.Tensor]:
-    """The embedded error estimate(s) h * sum e_i k_i (two for DOP853). Call under no_grad."""
-    errs = [combine(None, step.h, tab.e, step.ks)]
-    if tab.e3 is not None:
-        errs.append(combine(None, step.h, tab.e3, step.ks))
-    return errs
+    def step(self, func: Func, t: float, h: float, y: torch.Tensor, f0: torch.Tensor) -> Step:
+        tab = self.tableau
+        ks = [f0]
+        yi = y
+        for ci, row in zip(tab.c[1:], tab.a):
+            yi = combine(y, h, row, ks)
+            ks.append(func(t + ci * h, yi))
+        if tab.fsal:  # the last stage was evaluated at y1 itself
+            return Step(t, h, y, yi, ks, ks[-1])
+        return Step(t, h, y, combine(y, h, tab.b, ks), ks, None)
 
+    def error_vectors(self, step: Step) -> List[torch.Tensor]:
+        """The embedded error estimate(s) h * sum e_i k_i (two for DOP853). Call under no_grad."""
+        tab = self.tableau
+        errs = [combine(None, step.h, tab.e, step.ks)]
+        if tab.e3 is not None:
+            errs.append(combine(None, step.h, tab.e3, step.ks))
+        return errs
 
-def end_derivative(func: Func, step: Step) -> torch.Tensor:
-    """f(t + h, y1): free for FSAL tableaus, else evaluated once and reused as the next f0."""
-    if step.f1 is None:
-        step.f1 = func(step.t + step.h, step.y1)
-    return step.f1
+    @staticmethod
+    def end_derivative(func: Func, step: Step) -> torch.Tensor:
+        """f(t + h, y1): free for FSAL tableaus, else evaluated once and reused as the next f0."""
+        if step.f1 is None:
+            step.f1 = func(step.t + step.h, step.y1)
+        return step.f1
 
-
-def interpolate(func: Func, tab: ButcherTableau, step: Step, t_out: float) -> torch.Tensor:
-    """The state at t_out inside the step: the tableau's own extension, else cubic Hermite."""
-    h = step.h
-    theta = (t_out - step.t) / h
-    if tab.dense is not None:
+    def interpolate(self, func: Func, step: Step, t_out: float) -> torch.Tensor:
+        """The state at t_out inside the step: the tableau's own extension, else cubic Hermite."""
+        tab, h = self.tableau, step.h
+        theta = (t_out - step.t) / h
+        if tab.dense is None:
+            return hermite(step, self.end_derivative(func, step), theta)
         ks = step.ks
         if len(ks) < len(tab.dense):  # extra stages (DOP853), once per step that needs them
             for ci, row in zip(tab.dense_c, tab.dense_a):
@@ -80,7 +91,10 @@ def interpolate(func: Func, tab: ButcherTableau, step: Step, t_out: float) -> to
                 p *= theta
             weights.append(w)
         return combine(step.y, h, weights, ks)
-    f1 = end_derivative(func, step)
+
+
+def hermite(step: Step, f1: torch.Tensor, theta: float) -> torch.Tensor:
+    """Cubic Hermite interpolation from y, y1 and the derivatives at both ends."""
     t2, t3 = theta * theta, theta * theta * theta
     out = torch.lerp(step.y, step.y1, 3 * t2 - 2 * t3)
-    return combine(out, h, (t3 - 2 * t2 + theta, t3 - t2), (step.ks[0], f1))
+    return combine(out, step.h, (t3 - 2 * t2 + theta, t3 - t2), (step.ks[0], f1))
