@@ -75,6 +75,10 @@ class Result:
     n_accepted: int = 0
     n_rejected: int = 0
     last_h: Optional[float] = None
+    event_t: Optional[float] = None
+
+
+EventFn = Callable[[float, torch.Tensor], float]
 
 
 def _error_scale(prob: Problem, a0: torch.Tensor, a1: torch.Tensor) -> torch.Tensor:
@@ -169,6 +173,7 @@ def _solve(
     f0: Optional[torch.Tensor] = None,
     first_step: Optional[float] = None,
     trace: Optional[Trace] = None,
+    event: Optional[EventFn] = None,
 ) -> None:
     o, method, func = prob.opts, prob.method, prob.func
     t, t_end = float(ts[0]), float(ts[-1])
@@ -187,6 +192,7 @@ def _solve(
         controller = _Controller(prob)
         abs_y = y.detach().abs()
     out_i, stop_i, n_steps, n_nonfinite = 1, 0, 0, 0
+    g0 = event(t, y) if event is not None else None
     while True:
         stop = stops[stop_i]
         h = min(max(h, o.min_step), o.max_step)
@@ -232,6 +238,13 @@ def _solve(
                 trace.states[len(trace.steps)] = y.detach()
             trace.steps.append((t, t_next, on_jump))
         res.n_accepted += 1
+        if event is not None:
+            g1 = event(t_next, step.y1)
+            if (g0 < 0) != (g1 < 0) or g1 == 0.0:
+                res.event_t = _locate_event(prob, step, event, g0, g1)
+                res.outputs.append(method.interpolate(func, step, res.event_t))
+                return
+            g0 = g1
         out_i = _emit(prob, step, ts, out_i, res.outputs, t_next, direction)
         if landing:
             stop_i += 1
@@ -239,6 +252,26 @@ def _solve(
                 return
         t, y = t_next, step.y1
         f0 = func(t, y) if on_jump else method.end_derivative(func, step)  # re-evaluate after a discontinuity
+
+
+def _locate_event(prob: Problem, step: Step, event: EventFn, g0: float, g1: float) -> float:
+    """The zero of event(t, y(t)) inside the step, on the dense output (Illinois false position)."""
+    a, b, ga, gb = step.t, step.t + step.h, g0, g1
+    side = 0
+    for _ in range(60):
+        if gb == 0.0 or abs(b - a) <= 4 * math.ulp(max(abs(a), abs(b))):
+            break
+        c = b - gb * (b - a) / (gb - ga)
+        gc = event(c, prob.method.interpolate(prob.func, step, c))
+        if (gc < 0) == (gb < 0):
+            b, gb = c, gc
+            if side == -1:
+                ga /= 2
+            side = -1
+        else:
+            a, ga, b, gb = b, gb, c, gc
+            side = 1
+    return b
 
 
 def _emit(prob: Problem, step: Step, ts: Sequence[float], i: int, outputs: List[torch.Tensor], t_next: float, direction: float) -> int:

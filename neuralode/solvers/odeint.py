@@ -34,7 +34,7 @@ class _Structure:
     def unflatten(self, y: torch.Tensor, lead: Tuple[int, ...] = ()) -> State:
         if not self.is_tuple:
             return y
-        return tuple(p.reshape(*lead, *s) for p, s in zip(torch.split(y, self.sizes, dim=-1), self.shapes))
+        return tuple(p.reshape((*lead, *s)) for p, s in zip(torch.split(y, self.sizes, dim=-1), self.shapes))
 
 
 class _Func:
@@ -103,7 +103,7 @@ def _check_y0(y0) -> None:
         raise ValueError("y0 contains NaN or Inf")
 
 
-def _tolerance(name: str, tol, y0: State, structure: _Structure, like: torch.Tensor):
+def _tolerance(name: str, tol, structure: _Structure, like: torch.Tensor):
     """A positive float, or a flat tensor matching the flattened state."""
     if isinstance(tol, (int, float)) and not isinstance(tol, bool):
         if not tol > 0:
@@ -162,6 +162,22 @@ def _user_norm(norm: Callable, structure: _Structure) -> Callable:
     return (lambda r: norm(structure.unflatten(r))) if structure.is_tuple else norm
 
 
+def make_problem(func: Callable, y0: State, rtol, atol, method: Optional[str], options: Optional[dict]):
+    """Check the inputs and build the solver's view of them: the problem (with a fresh
+    SolveStats), the state structure, the flat y0, and a factory for backward-counting funcs."""
+    _check_y0(y0)
+    method = _method(method)
+    opts = _options(options, method)
+    structure = _Structure(y0)
+    y0_flat = structure.flatten(y0)
+    rtol_, atol_ = (_tolerance(n, v, structure, y0_flat) for n, v in (("rtol", rtol), ("atol", atol)))
+    stats = new_solve_stats()
+    t_dtype = opts.time_dtype or y0_flat.dtype
+    make_func = lambda backward: _Func(func, structure, t_dtype, y0_flat.device, y0_flat.dtype, stats, backward)
+    norm = _user_norm(opts.norm, structure) if opts.norm is not None else rms_norm
+    return Problem(make_func(False), METHODS[method], rtol_, atol_, norm, opts, stats), structure, y0_flat, make_func
+
+
 def odeint(
     func: Callable,
     y0: State,
@@ -187,19 +203,8 @@ def odeint(
     if grad not in GRAD_MODES:
         raise ValueError(f"unknown grad mode {grad!r}; valid modes: {', '.join(GRAD_MODES)}")
     ts = _check_t(t)
-    _check_y0(y0)
-    method = _method(method)
-    opts = _options(options, method)
-    structure = _Structure(y0)
-    y0_flat = structure.flatten(y0)
-    rtol_, atol_ = (_tolerance(n, v, y0, structure, y0_flat) for n, v in (("rtol", rtol), ("atol", atol)))
     params = _adjoint_params(func, adjoint_params) if grad != "direct" else ()
-
-    stats = new_solve_stats()
-    t_dtype = opts.time_dtype or y0_flat.dtype
-    make_func = lambda backward: _Func(func, structure, t_dtype, y0_flat.device, y0_flat.dtype, stats, backward)
-    norm = _user_norm(opts.norm, structure) if opts.norm is not None else rms_norm
-    prob = Problem(make_func(False), METHODS[method], rtol_, atol_, norm, opts, stats)
+    prob, structure, y0_flat, make_func = make_problem(func, y0, rtol, atol, method, options)
 
     if t.requires_grad:  # moving t0 by dt moves y0 by -f(t0, y0) dt (the outputs' t_i are handled below)
         with torch.no_grad():
@@ -212,7 +217,7 @@ def odeint(
     elif grad == "checkpoint":
         ys = CheckpointedSolve.apply(prob, lambda: dataclasses.replace(prob, func=make_func(True), stats=None), y0_flat, ts, *params)
     else:
-        adj = _adjoint_problem(prob, make_func, structure, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options, y0_flat)
+        adj = _adjoint_problem(prob, make_func, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options)
         ys = BacksolveAdjoint.apply(prob, adj, y0_flat, ts, *params)
 
     if t.requires_grad:
@@ -239,7 +244,7 @@ def _adjoint_params(func, adjoint_params) -> Tuple[torch.Tensor, ...]:
     return tuple(p for p in adjoint_params if isinstance(p, torch.Tensor) and p.requires_grad)
 
 
-def _adjoint_problem(prob, make_func, structure, rtol, atol, method, options, y0_flat):
+def _adjoint_problem(prob, make_func, rtol, atol, method, options):
     """A factory, called in backward once the augmented sizes are known."""
     method = _method(method or prob.method.name)
     base = {f.name: getattr(prob.opts, f.name) for f in dataclasses.fields(Options) if f.name != "norm"}
