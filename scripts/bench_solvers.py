@@ -1,0 +1,469 @@
+"""Benchmark our solvers against torchdiffeq, side by side in one process (issue 2, "Benchmark").
+
+Problems (dopri5 on both sides, rtol = atol in {1e-3, 1e-6}):
+
+* ``mlp``     dy/dt = W2 tanh(W1 y + b1) + b2, 64 hidden units, state 512 x 2, t in [0, 1] with
+              10 output times, weights and y0 from a fixed seed, float32 (what users train with).
+* ``lorenz``  sigma=10, rho=28, beta=8/3 from (1, 1, 1) on [0, 5], 11 output times, float64.
+* ``vdp``     Van der Pol mu=5 from (2, 0) on [0, 10], 11 output times, float64.
+
+Per row: NFE (a counter inside the vector field, so both libraries are counted the same way),
+max abs error at the output times against scipy ``solve_ivp(method="DOP853", rtol=atol=1e-12)``
+in float64 (for the MLP: the same weights in float64 through a numpy wrapper), median wall time
+of the forward solve (under ``torch.no_grad``), and median wall time of forward + backward of
+``loss = ys.square().mean()``: direct backprop and the backsolve adjoint (plain and seminorm),
+with the backward NFE of each. Every timing interleaves the two libraries (ours, theirs,
+theirs, ours, ...) after warm-up runs, so slow drift of a shared machine cancels; the numbers
+are medians and ratios are ours / torchdiffeq. torch runs on one thread by default (``--threads``),
+the same for both libraries. A backsolve adjoint that fails (step underflow: Van der Pol at 1e-3,
+both libraries) is reported as such, not timed.
+
+After the table comes a seminorm study (backward NFE only) on variants of the MLP problem: the
+adjoint restarts at every output time, so the benchmark MLP (9 output intervals, each crossed in
+about one step) leaves the seminorm nothing to save; one long interval shows where it pays.
+
+``--count-syncs`` also counts host syncs in the forward solve: Python-level conversions of a
+tensor to a host value (``Tensor.item``, ``tolist``, ``__float__``, ``__int__``, ``__bool__``,
+``__index__``) are wrapped and counted. Syncs made inside C++ kernels are not visible this way
+(on CPU there are none worth noting). Reported per attempted dopri5 step, (NFE - 2) / 6.
+
+    python scripts/bench_solvers.py                 # full run (about 10-15 minutes on 2 cores)
+    python scripts/bench_solvers.py --quick         # a short smoke run
+    python scripts/bench_solvers.py --markdown --count-syncs   # README-ready table
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import neuralode  # noqa: E402
+
+try:
+    import torchdiffeq
+except ImportError:  # pragma: no cover
+    sys.exit("torchdiffeq is needed for the comparison: pip install '.[bench]'")
+
+TOLS = (1e-3, 1e-6)
+MLP_OUTPUTS = 10
+
+
+# ----------------------------------------------------------------------------------- problems
+class Counted(nn.Module):
+    """Counts every evaluation, whichever library calls it."""
+
+    def __init__(self):
+        super().__init__()
+        self.nfe = 0
+
+
+class MLPField(Counted):
+    def __init__(self, seed: int, dim: int = 2, hidden: int = 64, dtype=torch.float32):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.l1, self.l2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        with torch.no_grad():
+            for p in self.parameters():  # a fixed draw, independent of torch's global RNG
+                p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) / math.sqrt(p.shape[-1]) * 1.5)
+        self.to(dtype)
+
+    def forward(self, t, y):
+        self.nfe += 1
+        return self.l2(torch.tanh(self.l1(y)))
+
+    def numpy_rhs(self):
+        w1, b1, w2, b2 = (p.detach().double().numpy() for p in (self.l1.weight, self.l1.bias, self.l2.weight, self.l2.bias))
+        def rhs(t, y):
+            yy = y.reshape(-1, w1.shape[1])
+            return (np.tanh(yy @ w1.T + b1) @ w2.T + b2).reshape(-1)
+
+        return rhs
+
+
+class Lorenz(Counted):
+    def forward(self, t, y):
+        self.nfe += 1
+        x, yy, z = y.unbind(-1)
+        return torch.stack([10.0 * (yy - x), x * (28.0 - z) - yy, x * yy - (8.0 / 3.0) * z], -1)
+
+    @staticmethod
+    def numpy_rhs():
+        return lambda t, y: np.array([10.0 * (y[1] - y[0]), y[0] * (28.0 - y[2]) - y[1], y[0] * y[1] - 8.0 / 3.0 * y[2]])
+
+
+class VanDerPol(Counted):
+    mu = 5.0
+
+    def forward(self, t, y):
+        self.nfe += 1
+        x, v = y.unbind(-1)
+        return torch.stack([v, self.mu * (1 - x * x) * v - x], -1)
+
+    @classmethod
+    def numpy_rhs(cls):
+        return lambda t, y: np.array([y[1], cls.mu * (1 - y[0] ** 2) * y[1] - y[0]])
+
+
+@dataclass
+class Problem:
+    name: str
+    func: Counted
+    y0: torch.Tensor
+    t: torch.Tensor
+    ref: np.ndarray  # (len(t), *y0.shape), float64
+    dtype_note: str
+    has_params: bool
+
+
+def make_problems(names: List[str], seed: int) -> Dict[str, Problem]:
+    from scipy.integrate import solve_ivp
+
+    def reference(rhs, y0: torch.Tensor, t: torch.Tensor) -> np.ndarray:
+        tt = t.double().numpy()
+        sol = solve_ivp(rhs, (tt[0], tt[-1]), y0.double().numpy().reshape(-1), method="DOP853", t_eval=tt, rtol=1e-12, atol=1e-12)
+        assert sol.success, sol.message
+        return sol.y.T.reshape(len(tt), *y0.shape)
+
+    out = {}
+    for name in names:
+        if name == "mlp":
+            f = MLPField(seed)
+            g = torch.Generator().manual_seed(seed + 1)
+            y0 = torch.randn(512, 2, generator=g)
+            t = torch.linspace(0.0, 1.0, MLP_OUTPUTS)
+            out[name] = Problem(name, f, y0, t, reference(f.numpy_rhs(), y0, t), "float32", True)
+        elif name == "lorenz":
+            f, y0, t = Lorenz(), torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64), torch.linspace(0, 5, 11, dtype=torch.float64)
+            out[name] = Problem(name, f, y0, t, reference(f.numpy_rhs(), y0, t), "float64", False)
+        elif name == "vdp":
+            f, y0, t = VanDerPol(), torch.tensor([2.0, 0.0], dtype=torch.float64), torch.linspace(0, 10, 11, dtype=torch.float64)
+            out[name] = Problem(name, f, y0, t, reference(f.numpy_rhs(), y0, t), "float64", False)
+        else:
+            raise SystemExit(f"unknown problem {name!r}; choose from mlp, lorenz, vdp")
+    return out
+
+
+# ----------------------------------------------------------------------------- the two sides
+def solve_fn(lib: str, mode: str, prob: Problem, tol: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A callable y0 -> ys for one library and gradient mode (direct, adjoint, seminorm)."""
+    f, t = prob.func, prob.t
+    kw = dict(rtol=tol, atol=tol, method="dopri5")
+    semi = dict(norm="seminorm")
+    if lib == "ours":
+        if mode == "direct":
+            return lambda y0: neuralode.odeint(f, y0, t, **kw)
+        return lambda y0: neuralode.odeint(f, y0, t, **kw, grad="adjoint", adjoint_options=semi if mode == "seminorm" else None)
+    if mode == "direct":
+        return lambda y0: torchdiffeq.odeint(f, y0, t, **kw)
+    return lambda y0: torchdiffeq.odeint_adjoint(f, y0, t, **kw, adjoint_options=semi if mode == "seminorm" else None)
+
+
+def run_forward(fn, prob: Problem):
+    prob.func.nfe = 0
+    with torch.no_grad():
+        ys = fn(prob.y0)
+    return ys, prob.func.nfe
+
+
+def run_fwd_bwd(fn, prob: Problem):
+    prob.func.nfe = 0
+    prob.func.zero_grad(set_to_none=True)
+    y0 = prob.y0.clone().requires_grad_(True)
+    ys = fn(y0)
+    nfe_f = prob.func.nfe
+    ys.square().mean().backward()
+    return nfe_f, prob.func.nfe - nfe_f, y0.grad
+
+
+def interleaved_times(fa, fb, reps: int, warmup: int) -> tuple[List[float], List[float]]:
+    """Time fa and fb alternately (ABBA ordering), after warm-up; returns both lists of seconds."""
+    for _ in range(warmup):
+        fa(), fb()
+    ta, tb = [], []
+    for r in range(reps):
+        order = ((fa, ta), (fb, tb)) if r % 2 == 0 else ((fb, tb), (fa, ta))
+        for fn, store in order:
+            gc.collect()
+            t0 = time.perf_counter()
+            fn()
+            store.append(time.perf_counter() - t0)
+    return ta, tb
+
+
+# ------------------------------------------------------------------------------ sync counting
+@contextlib.contextmanager
+def count_syncs():
+    """Counts Python-level tensor -> host conversions (item, tolist, float, int, bool, index)."""
+    counter = {"n": 0}
+    names = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def wrap(orig):
+        def inner(self, *a, **k):
+            counter["n"] += 1
+            return orig(self, *a, **k)
+
+        return inner
+
+    for n in names:
+        setattr(torch.Tensor, n, wrap(saved[n]))
+    try:
+        yield counter
+    finally:
+        for n, v in saved.items():
+            setattr(torch.Tensor, n, v)
+
+
+# ------------------------------------------------------------------------------------ results
+@dataclass
+class Row:
+    problem: str
+    tol: float
+    nfe: Dict[str, int] = field(default_factory=dict)
+    err: Dict[str, float] = field(default_factory=dict)
+    fwd: Dict[str, float] = field(default_factory=dict)  # median seconds
+    fb: Dict[str, Dict[str, float]] = field(default_factory=dict)  # mode -> lib -> median seconds
+    nfe_bwd: Dict[str, Dict[str, int]] = field(default_factory=dict)  # mode -> lib -> backward NFE
+    syncs: Dict[str, float] = field(default_factory=dict)  # syncs per attempted step
+    steps: Dict[str, int] = field(default_factory=dict)  # ours: accepted / rejected
+    failed: Dict[str, Dict[str, str]] = field(default_factory=dict)  # mode -> lib -> error, when a solve failed
+    graddiff: Dict[str, float] = field(default_factory=dict)  # mode -> |dL/dy0 ours - td| / |td|
+    wp: List[tuple] = field(default_factory=list)  # (tol factor, NFE, err) of ours at looser tolerances, if NFE > td's
+
+
+def ratio(d: Dict[str, float]) -> float:
+    return d["ours"] / d["td"]
+
+
+def bench_row(prob: Problem, tol: float, args, modes: List[str]) -> Row:
+    row = Row(prob.name, tol)
+    libs = ("ours", "td")
+    fns = {lib: solve_fn(lib, "direct", prob, tol) for lib in libs}
+    for lib in libs:
+        ys, nfe = run_forward(fns[lib], prob)
+        row.nfe[lib] = nfe
+        row.err[lib] = float(np.abs(ys.double().numpy() - prob.ref).max())
+    if row.nfe["ours"] > row.nfe["td"]:  # work-precision check: what does ours give at torchdiffeq's NFE?
+        for factor in (1.25, 1.5, 2.0):
+            ys, nfe = run_forward(solve_fn("ours", "direct", prob, tol * factor), prob)
+            if nfe <= row.nfe["td"]:
+                row.wp.append((factor, nfe, float(np.abs(ys.double().numpy() - prob.ref).max())))
+                break
+    with neuralode.record_stats() as s:
+        run_forward(fns["ours"], prob)
+    row.steps = {"accepted": s.n_accepted, "rejected": s.n_rejected}
+    if args.count_syncs:
+        for lib in libs:
+            with count_syncs() as c:
+                _, nfe = run_forward(fns[lib], prob)
+            row.syncs[lib] = c["n"] / max((nfe - 2) / 6, 1)
+            row.syncs[lib + "_total"] = c["n"]
+        with count_syncs() as c:
+            run_forward(fns["ours"], prob)
+        row.syncs["ours_per_accepted"] = c["n"] / max(row.steps["accepted"], 1)
+
+    ta, tb = interleaved_times(lambda: run_forward(fns["ours"], prob), lambda: run_forward(fns["td"], prob), args.reps, args.warmup)
+    row.fwd = {"ours": statistics.median(ta), "td": statistics.median(tb)}
+
+    for mode in modes:
+        gfns = {lib: solve_fn(lib, mode, prob, tol) for lib in libs}
+        row.nfe_bwd[mode] = {}
+        grads = {}
+        failed = {}
+        for lib in libs:
+            try:
+                _, nb, grads[lib] = run_fwd_bwd(gfns[lib], prob)
+                row.nfe_bwd[mode][lib] = nb
+            except (neuralode.SolverError, AssertionError, RuntimeError) as e:  # torchdiffeq asserts on underflow
+                failed[lib] = f"{type(e).__name__}: {str(e)[:90]}"
+        if len(grads) == 2:  # sanity: both libraries' dL/dy0 agree to about the tolerance
+            row.graddiff[mode] = float((grads["ours"] - grads["td"]).norm() / grads["td"].norm())
+        if failed:  # the backsolve adjoint can blow up backwards in time (e.g. Van der Pol at loose tolerance)
+            row.failed[mode] = failed
+            continue
+        reps = max(3, args.reps // 2) if mode != "direct" else args.reps
+        ta, tb = interleaved_times(lambda: run_fwd_bwd(gfns["ours"], prob), lambda: run_fwd_bwd(gfns["td"], prob), reps, args.warmup)
+        row.fb[mode] = {"ours": statistics.median(ta), "td": statistics.median(tb)}
+    return row
+
+
+# ----------------------------------------------------------------------------- seminorm study
+STUDY = (  # (label, t_end, output times, loss); the first is the benchmark's own MLP problem
+    ("benchmark MLP: t in [0,1], 10 outputs, mean loss", 1.0, 10, "mean"),
+    ("t in [0,10], 2 outputs, mean loss", 10.0, 2, "mean"),
+    ("t in [0,10], 2 outputs, sum loss", 10.0, 2, "sum"),
+)
+
+
+def seminorm_study(seed: int, tols) -> List[str]:
+    """Backward NFE of the plain vs the seminorm adjoint on MLP variants (NFE only, no timing).
+
+    The adjoint restarts at every output time, so with 10 outputs on [0, 1] the backward pass
+    can take no fewer than one step per output interval, whatever the norm; the variants with
+    one interval show where the seminorm pays: when dL/dtheta, integrated over a long
+    interval, is what limits the backward step (a summed loss makes it large against atol)."""
+    lines = ["| MLP variant | tol | bwd NFE plain ours / td | bwd NFE seminorm ours / td | seminorm / plain ours / td |",
+             "|---|---|---|---|---|"]
+    for label, t_end, n_out, loss in STUDY:
+        f = MLPField(seed)
+        y0 = torch.randn(512, 2, generator=torch.Generator().manual_seed(seed + 1))
+        t = torch.linspace(0.0, t_end, n_out)
+        for tol in tols:
+            nb = {}
+            for lib in ("ours", "td"):
+                for mode in ("adjoint", "seminorm"):
+                    f.nfe = 0
+                    ys = solve_fn(lib, mode, Problem("mlp", f, y0, t, None, "", True), tol)(y0.clone().requires_grad_(True))
+                    nf = f.nfe
+                    (ys.square().mean() if loss == "mean" else ys.square().sum()).backward()
+                    nb[lib, mode] = f.nfe - nf
+            q = {lib: nb[lib, "seminorm"] / nb[lib, "adjoint"] for lib in ("ours", "td")}
+            lines.append(f"| {label} | {tol:g} | {nb['ours', 'adjoint']} / {nb['td', 'adjoint']} | "
+                         f"{nb['ours', 'seminorm']} / {nb['td', 'seminorm']} | {q['ours']:.2f} / {q['td']:.2f} |")
+    return lines
+
+
+# ------------------------------------------------------------------------------------- output
+def fmt_t(s: float) -> str:
+    return f"{s * 1e3:.1f} ms" if s < 10 else f"{s:.2f} s"
+
+
+def table(rows: List[Row], modes: List[str], syncs: bool) -> str:
+    head = ["problem", "tol", "NFE ours / td", "max err ours / td", "fwd ours / td", "fwd ratio"]
+    for m in modes:
+        head += [f"fwd+bwd {m} ours / td", f"{m} ratio", f"bwd NFE {m} ours / td"]
+    if syncs:
+        head += ["syncs/step ours / td"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r.problem, f"{r.tol:g}", f"{r.nfe['ours']} / {r.nfe['td']}", f"{r.err['ours']:.2e} / {r.err['td']:.2e}",
+                 f"{fmt_t(r.fwd['ours'])} / {fmt_t(r.fwd['td'])}", f"{ratio(r.fwd):.2f}"]
+        for m in modes:
+            if m in r.fb:
+                cells += [f"{fmt_t(r.fb[m]['ours'])} / {fmt_t(r.fb[m]['td'])}", f"{ratio(r.fb[m]):.2f}",
+                          f"{r.nfe_bwd[m]['ours']} / {r.nfe_bwd[m]['td']}"]
+            elif m in r.failed:
+                who = " and ".join("ours" if k == "ours" else "td" for k in r.failed[m])
+                cells += [f"fails ({who}: step underflow)", "-", "-"]
+            else:
+                cells += ["-", "-", "-"]
+        if syncs:
+            cells += [f"{r.syncs['ours']:.2f} / {r.syncs['td']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def targets(rows: List[Row]) -> List[str]:
+    out = []
+
+    def line(ok: bool, text: str):
+        out.append(f"{'PASS' if ok else 'FAIL'}  {text}")
+
+    bad = [f"{r.problem}@{r.tol:g}" for r in rows if r.nfe["ours"] > r.nfe["td"]]
+    line(not bad, "NFE <= torchdiffeq's on every row" + (f" (over: {', '.join(bad)})" if bad else ""))
+    for r in rows:
+        if r.nfe["ours"] > r.nfe["td"] and r.wp:
+            out.append(f"      info {r.problem}@{r.tol:g}: ours at a looser tolerance, NFE <= torchdiffeq's {r.nfe['td']} -> "
+                       + ", ".join(f"tol x{s:g}: NFE {n}, err {e:.2e}" for s, n, e in r.wp) + f" (torchdiffeq err {r.err['td']:.2e})")
+    bad = [f"{r.problem}@{r.tol:g}" for r in rows if r.err["ours"] > r.err["td"]]
+    line(not bad, "max error <= torchdiffeq's on every row" + (f" (worse: {', '.join(bad)})" if bad else ""))
+    fr = [ratio(r.fwd) for r in rows]
+    med = statistics.median(fr)
+    line(med <= 0.6, f"median forward-time ratio {med:.2f} <= 0.6")
+    worst = max(zip(fr, rows), key=lambda x: x[0])
+    line(worst[0] <= 1.0, f"no forward-time row above 1.0 (worst {worst[0]:.2f}: {worst[1].problem}@{worst[1].tol:g})")
+    adj = [(ratio(r.fb[m]), r, m) for r in rows for m in ("adjoint", "seminorm") if m in r.fb]
+    if adj:
+        med = statistics.median(a for a, _, _ in adj)
+        worst = max(adj, key=lambda x: x[0])
+        line(med <= 0.8 and worst[0] <= 1.0,
+             f"forward+backward with the adjoint: median ratio {med:.2f} <= 0.8 "
+             f"(worst {worst[0]:.2f}: {worst[1].problem}@{worst[1].tol:g} {worst[2]})")
+    for r in rows:
+        if r.problem == "mlp" and "adjoint" in r.nfe_bwd and "seminorm" in r.nfe_bwd:
+            q = r.nfe_bwd["seminorm"]["ours"] / r.nfe_bwd["adjoint"]["ours"]
+            qt = r.nfe_bwd["seminorm"]["td"] / r.nfe_bwd["adjoint"]["td"]
+            line(q <= 0.7, f"mlp@{r.tol:g}: seminorm backward NFE / plain adjoint backward NFE = {q:.2f} <= 0.7 "
+                           f"(ours {r.nfe_bwd['seminorm']['ours']}/{r.nfe_bwd['adjoint']['ours']}; "
+                           f"torchdiffeq {qt:.2f} = {r.nfe_bwd['seminorm']['td']}/{r.nfe_bwd['adjoint']['td']})")
+            n_int = MLP_OUTPUTS - 1  # the adjoint restarts at every output time
+            if q > 0.7:
+                out.append(f"      note: {n_int} output intervals force >= {n_int} backward steps (>= {7 * n_int} NFE) "
+                           "with either norm; see the seminorm study for where the seminorm pays")
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--problems", default="mlp,lorenz,vdp", help="comma-separated subset of mlp,lorenz,vdp")
+    ap.add_argument("--tols", default="1e-3,1e-6", help="comma-separated rtol=atol values")
+    ap.add_argument("--reps", type=int, default=15, help="timed repetitions per library (forward); fwd+bwd adjoint uses half")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed runs per library before timing")
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (fixed for both libraries)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--grad-modes", default="direct,adjoint,seminorm",
+                    help="forward+backward modes to time: direct, adjoint, seminorm (adjoint with seminorm)")
+    ap.add_argument("--grad-problems", default="mlp,lorenz,vdp", help="problems that get forward+backward timings")
+    ap.add_argument("--quick", action="store_true", help="short run: 5 reps, 1 warm-up")
+    ap.add_argument("--markdown", action="store_true", help="print a README-ready markdown table")
+    ap.add_argument("--count-syncs", action="store_true", help="count tensor->host conversions per step in the forward solve")
+    ap.add_argument("--no-study", action="store_true", help="skip the seminorm study on MLP variants")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.reps, args.warmup = min(args.reps, 5), 1
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    names = [p for p in args.problems.split(",") if p]
+    tols = [float(x) for x in args.tols.split(",")]
+    modes = [m for m in args.grad_modes.split(",") if m]
+    grad_problems = set(args.grad_problems.split(","))
+    probs = make_problems(names, args.seed)
+
+    header = (f"torch {torch.__version__}, torchdiffeq {getattr(torchdiffeq, '__version__', '?')}, python {platform.python_version()}, "
+              f"{platform.machine()} with {torch.get_num_threads()} torch thread(s) (set_num_threads={args.threads}); "
+              f"reps={args.reps} (adjoint fwd+bwd: {max(3, args.reps // 2)}), warm-up={args.warmup}, ABBA-interleaved, medians")
+    print(header, flush=True)
+    rows = []
+    t_start = time.perf_counter()
+    for name in names:
+        for tol in tols:
+            p = probs[name]
+            row = bench_row(p, tol, args, modes if name in grad_problems else [])
+            rows.append(row)
+            print(f"  {name} ({p.dtype_note}) tol={tol:g}: NFE {row.nfe['ours']}/{row.nfe['td']} "
+                  f"(ours: {row.steps['accepted']} accepted, {row.steps['rejected']} rejected), "
+                  f"err {row.err['ours']:.2e}/{row.err['td']:.2e}, fwd {fmt_t(row.fwd['ours'])}/{fmt_t(row.fwd['td'])} "
+                  f"= {ratio(row.fwd):.2f}"
+                  + "".join(f", {m} {fmt_t(row.fb[m]['ours'])}/{fmt_t(row.fb[m]['td'])} = {ratio(row.fb[m]):.2f} "
+                            f"(bwd NFE {row.nfe_bwd[m]['ours']}/{row.nfe_bwd[m]['td']}, dL/dy0 rel diff {row.graddiff[m]:.1e})" for m in row.fb)
+                  + "".join(f", {m} FAILED: {v}" for m, v in row.failed.items())
+                  + (f", syncs/attempted step {row.syncs['ours']:.2f}/{row.syncs['td']:.2f} "
+                     f"(totals {row.syncs['ours_total']}/{row.syncs['td_total']})"
+                     f" (ours per accepted step {row.syncs['ours_per_accepted']:.2f})" if row.syncs else ""),
+                  flush=True)
+    study = seminorm_study(args.seed, tols) if "mlp" in names and not args.no_study else []
+    print(f"total {time.perf_counter() - t_start:.0f} s\n")
+    print(table(rows, [m for m in modes if any(m in r.fb for r in rows)], bool(args.count_syncs)) if args.markdown else "")
+    if study:
+        print("\nSeminorm study (backward NFE only):\n" + "\n".join(study))
+    print()
+    for line in targets(rows):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
