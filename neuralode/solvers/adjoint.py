@@ -69,7 +69,7 @@ class BacksolveAdjoint(torch.autograd.Function):
         h = None
         for i in range(len(ts) - 1, 0, -1):
             res = solve(aug_prob, torch.cat([ys[i].reshape(-1), a, g]), (ts[i], ts[i - 1]), first_step=h)
-            h = res.last_h or h
+            h = res.next_h or h  # the proposal, not the last step (that one was clipped to ts[i-1])
             aug = res.outputs[-1]
             a = aug[n : 2 * n] + grad_ys[i - 1].reshape(-1)
             g = aug[2 * n :]

@@ -31,7 +31,7 @@ def odeint_event(func: Callable, y0: State, t0: torch.Tensor, *, event_fn: Calla
     search = {k: kwargs[k] for k in ("rtol", "atol", "method", "options") if k in kwargs}
     prob, structure, y0_flat, _ = make_problem(func, y0, search.get("rtol", 1e-7), search.get("atol", 1e-9),
                                                 search.get("method"), search.get("options"))
-    t_start = float(t0)
+    t_start = float(t0.detach())
 
     def event(t: float, y: torch.Tensor) -> float:
         return float(event_fn(torch.full((), t, dtype=t0.dtype, device=y.device), structure.unflatten(y)))

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import STIFF_HINT, MaxStepsError, NonFiniteError, StepSizeUnderflowError
+from .errors import STIFF_HINT, MaxStepsError, NonFiniteError, SolverError, StepSizeUnderflowError
 from .stats import SolveStats
 from .rk import Step
 
@@ -44,6 +44,8 @@ class Options:
     jump_t: Sequence[float] = ()
     time_dtype: Optional[torch.dtype] = None
     checkpoint_every: int = 1
+    linear_solver: str = "auto"  # implicit methods: "auto" | "dense" | "gmres" (matrix-free Newton-Krylov)
+    batch_jacobian: Optional[bool] = None  # implicit methods: block-diagonal J over dim 0 (None: when y.ndim >= 2)
 
 
 @dataclass
@@ -74,7 +76,7 @@ class Result:
     outputs: List[torch.Tensor]
     n_accepted: int = 0
     n_rejected: int = 0
-    last_h: Optional[float] = None
+    next_h: Optional[float] = None  # the controller's proposal after the last accepted step (not clipped to a stop)
     event_t: Optional[float] = None
 
 
@@ -106,6 +108,8 @@ def initial_step(prob: Problem, t0: float, y0: torch.Tensor, f0: torch.Tensor, d
     with torch.no_grad():
         scale = _error_scale(prob, y0.abs(), y0.abs())
         d0, d1 = torch.stack([prob.norm(y0 / scale), prob.norm(f0 / scale)]).tolist()
+        if not math.isfinite(d1):
+            raise NonFiniteError(f"func returned NaN or Inf at the initial point t={t0:.6g}; check the vector field and y0")
         h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
         f1 = prob.func(t0 + direction * h0, y0 + direction * h0 * f0)
         d2 = float(prob.norm((f1 - f0) / scale)) / h0
@@ -176,6 +180,8 @@ def _solve(
     event: Optional[EventFn] = None,
 ) -> None:
     o, method, func = prob.opts, prob.method, prob.func
+    if hasattr(method, "bind"):  # implicit methods keep per-solve Newton state (tolerances, Jacobian)
+        method.bind(prob)
     t, t_end = float(ts[0]), float(ts[-1])
     if len(ts) == 1:
         return
@@ -198,6 +204,8 @@ def _solve(
         h = min(max(h, o.min_step), o.max_step)
         landing = abs(stop - t) <= h * (1 + 1e-6)
         t_next = stop if landing else t + direction * h
+        if not landing and out_i < len(ts) and abs(ts[out_i] - t_next) <= 1e-9 * h:
+            t_next = float(ts[out_i])  # an output time the step reaches up to float drift: land on it exactly
         dt = t_next - t
         if abs(dt) <= 16 * math.ulp(max(abs(t), abs(t_next))):
             raise StepSizeUnderflowError(f"step size underflow at t={t:.6g}: dt={dt:.3g}. " + STIFF_HINT)
@@ -207,7 +215,13 @@ def _solve(
                 f"max_num_steps={o.max_num_steps} exceeded at t={t:.6g} (integrating to {t_end:.6g}, dt={dt:.3g}). "
                 "Raise options['max_num_steps'] if the solve is just long; " + STIFF_HINT
             )
-        step = method.step(func, t, dt, y, f0)
+        step = method.step(_before_jump(func, t_next, direction) if landing and stop in jumps else func, t, dt, y, f0)
+        if getattr(step, "failed", False):  # an implicit method's Newton iteration did not converge
+            if fixed:
+                raise SolverError(f"Newton iteration did not converge at t={t:.6g} with the fixed step {dt:.3g}; use a smaller step_size")
+            res.n_rejected += 1
+            h = abs(dt) * 0.5
+            continue
         if not fixed:
             ratio, abs_y1 = _error_ratio(prob, step, abs_y)
             if not math.isfinite(ratio):
@@ -223,7 +237,7 @@ def _solve(
             n_nonfinite = 0
             if ratio > 1.0:
                 res.n_rejected += 1
-                if o.min_step > 0 and abs(dt) <= o.min_step:
+                if o.min_step > 0 and abs(dt) <= o.min_step * (1 + 1e-6):  # dt = (t + h) - t may round above h
                     raise StepSizeUnderflowError(
                         f"error control needs a step below min_step={o.min_step:g} at t={t:.6g}. " + STIFF_HINT
                     )
@@ -231,12 +245,12 @@ def _solve(
                 continue
             abs_y = abs_y1
             h = abs(dt) * controller.factor(ratio, True)
-            res.last_h = abs(dt)
+            res.next_h = h
         on_jump = landing and stop in jumps
         if trace is not None:
             if len(trace.steps) % trace.every == 0:
                 trace.states[len(trace.steps)] = y.detach()
-            trace.steps.append((t, t_next, on_jump))
+            trace.steps.append((t, t_next, on_jump, getattr(step, "tag", None)))  # tag: the sub-method of method="auto"
         res.n_accepted += 1
         if event is not None:
             g1 = event(t_next, step.y1)
@@ -251,7 +265,8 @@ def _solve(
             if stop_i == len(stops):
                 return
         t, y = t_next, step.y1
-        f0 = func(t, y) if on_jump else method.end_derivative(func, step)  # re-evaluate after a discontinuity
+        # re-evaluate after a discontinuity, just past it
+        f0 = func(math.nextafter(t, direction * math.inf), y) if on_jump else method.end_derivative(func, step)
 
 
 def _locate_event(prob: Problem, step: Step, event: EventFn, g0: float, g1: float) -> float:
@@ -274,6 +289,13 @@ def _locate_event(prob: Problem, step: Step, event: EventFn, g0: float, g1: floa
     return b
 
 
+def _before_jump(func, t_jump: float, direction: float):
+    """``func`` for a step that lands on a discontinuity: stages at (or past) the jump are evaluated
+    at the last float before it, so the step sees f from its own side only (as torchdiffeq does)."""
+    t_in = math.nextafter(t_jump, -direction * math.inf)
+    return lambda s, y: func(t_in if direction * (s - t_jump) >= 0 else s, y)
+
+
 def _emit(prob: Problem, step: Step, ts: Sequence[float], i: int, outputs: List[torch.Tensor], t_next: float, direction: float) -> int:
     """Append the outputs that fall in (t, t_next]; the step itself is never shortened for them."""
     while i < len(ts) and direction * (ts[i] - t_next) <= 0:
@@ -286,14 +308,20 @@ def replay(prob: Problem, y: torch.Tensor, steps: Sequence[Tuple[float, float, b
     """Re-run recorded steps exactly (no error control) and return the outputs at ``ts`` among them
     followed by the final state. Checkpointed gradients use it to rebuild one segment's graph."""
     func, method = prob.func, prob.method
+    if hasattr(method, "bind"):
+        method.bind(prob)
     direction = 1.0 if steps[0][1] > steps[0][0] else -1.0
     outputs: List[torch.Tensor] = []
     i = 0
     f0 = func(steps[0][0], y)
-    for n, (t, t_next, on_jump) in enumerate(steps):
-        step = method.step(func, t, t_next - t, y, f0)
+    for n, (t, t_next, on_jump, *tag) in enumerate(steps):
+        step_func = _before_jump(func, t_next, direction) if on_jump else func
+        if tag and tag[0] is not None:
+            step = method.step(step_func, t, t_next - t, y, f0, tag=tag[0])
+        else:
+            step = method.step(step_func, t, t_next - t, y, f0)
         i = _emit(prob, step, ts, i, outputs, t_next, direction)
         y = step.y1
         if n + 1 < len(steps):
-            f0 = func(t_next, y) if on_jump else method.end_derivative(func, step)
+            f0 = func(math.nextafter(t_next, direction * math.inf), y) if on_jump else method.end_derivative(func, step)
     return outputs + [y]

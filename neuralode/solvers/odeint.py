@@ -237,8 +237,8 @@ def _adjoint_params(func, adjoint_params) -> Tuple[torch.Tensor, ...]:
     if adjoint_params is None:
         if not isinstance(func, nn.Module):
             raise ValueError(
-                "the adjoint needs func's parameters: make func an nn.Module or pass adjoint_params=(...) "
-                "(an empty tuple if it has none)"
+                "grad='adjoint'/'checkpoint' needs func's parameters: make func an nn.Module or pass "
+                "adjoint_params=(...) (an empty tuple if it has none)"
             )
         adjoint_params = func.parameters()
     return tuple(p for p in adjoint_params if isinstance(p, torch.Tensor) and p.requires_grad)

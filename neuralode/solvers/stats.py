@@ -11,6 +11,7 @@ updates the same object, so a recorder opened around the forward pass also sees 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from dataclasses import dataclass, fields
 from typing import Iterator, List
@@ -24,6 +25,11 @@ class SolveStats:
     n_rejected: int = 0
     n_accepted_backward: int = 0
     n_rejected_backward: int = 0
+    n_jac: int = 0  # Jacobian evaluations of implicit methods (forward and backward)
+    n_linear_solves: int = 0
+    n_newton_iters: int = 0
+    n_switches: int = 0  # method="auto": explicit -> implicit switches
+    switched_at: float = math.nan  # time of the first switch (nan: none)
 
 
 class StatsRecorder:
@@ -33,6 +39,8 @@ class StatsRecorder:
         self.solves: List[SolveStats] = []
 
     def __getattr__(self, name: str) -> int:
+        if name == "switched_at":  # the first switch among the recorded solves
+            return next((s.switched_at for s in self.solves if not math.isnan(s.switched_at)), math.nan)
         if name in _FIELDS:
             return sum(getattr(s, name) for s in self.solves)
         raise AttributeError(name)

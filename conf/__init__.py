@@ -1,0 +1,1 @@
+"""Hydra configs, installed as the package ``neuralode.conf`` so the wheel ships them."""

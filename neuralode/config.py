@@ -1,0 +1,285 @@
+"""Typed schemas behind the YAML files in ``conf/``.
+
+Hydra merges every YAML file onto one of these dataclasses, so a wrong type
+(``rtol=abc``), an unknown key or an invalid enum value fails while the config
+is composed, before any data is loaded. Value checks that types cannot express
+(positive tolerances and batch sizes, known solver names) live in
+:func:`validate`, which ``train.py`` calls first.
+
+Model and dataset schemas are chosen per option (``schema/model/image_classifier``,
+``schema/dataset/image``) rather than fixed in :class:`Config`, so later model families
+(cnf, latent_ode) can add their own fields without touching these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from neuralode.data.toy2d import Toy2D
+from neuralode.models.cnf import Noise, Trace
+
+from neuralode.solvers import METHODS  # noqa: E402  (the solver registry is the source of truth)
+
+ADAPTIVE_METHODS = tuple(name for name, m in METHODS.items() if m.adaptive)
+FIXED_METHODS = tuple(name for name, m in METHODS.items() if not m.adaptive)
+
+
+class Grad(str, Enum):
+    """How gradients flow through a solve (see the solver library)."""
+
+    direct = "direct"
+    adjoint = "adjoint"
+    checkpoint = "checkpoint"
+
+
+@dataclass
+class AdjointConf:
+    """Settings of the backward solve; ``null`` means 'same as forward'."""
+
+    rtol: Optional[float] = None
+    atol: Optional[float] = None
+    method: Optional[str] = None
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SolverConf:
+    method: str = "dopri5"
+    grad: Grad = Grad.adjoint
+    seminorm: bool = False
+    step_size: Optional[float] = None
+    options: Dict[str, Any] = field(default_factory=dict)
+    adjoint: AdjointConf = field(default_factory=AdjointConf)
+
+
+@dataclass
+class ImageClassifierConf:
+    """odenet / rknet / resnet: conv downsampling, a feature block, a linear head."""
+
+    name: str = "odenet"
+    width: int = 64
+    augment_dim: int = 0
+    num_blocks: int = 6  # resnet only: residual blocks replacing the ODE block
+
+
+@dataclass
+class ImageDatasetConf:
+    name: str = "mnist"
+    channels: int = 1
+    image_size: int = 28
+    num_classes: int = 10
+    mean: List[float] = field(default_factory=lambda: [0.1307])
+    std: List[float] = field(default_factory=lambda: [0.3081])
+    augment: bool = False  # random crop with 4-pixel padding
+    download: bool = True
+
+
+@dataclass
+class LatentODEConf:
+    """latent_ode / rnn: irregular time series (paper Sec. 5). ``kind`` picks the network,
+    ``encoder`` the latent ODE's recognition network."""
+
+    name: str = "latent_ode"
+    kind: str = "latent_ode"  # latent_ode | rnn
+    encoder: str = "gru"  # gru | odernn
+    latent_dim: int = 4
+    rec_hidden: int = 25  # encoder GRU / RNN baseline hidden size
+    dyn_hidden: int = 20  # latent dynamics MLP width
+    dyn_layers: int = 1
+    dec_hidden: int = 20
+    obs_std: float = 0.1  # sigma of the Gaussian likelihood
+    init_logvar: float = -4.0  # initial bias of q(z0)'s log-variance: a narrow start avoids posterior collapse
+    kl_weight: float = 1.0
+    n_figures: int = 3  # fixed test series drawn to TensorBoard
+
+
+@dataclass
+class TimeSeriesDatasetConf:
+    """spirals / periodic, generated from ``seed``; see neuralode.data.timeseries."""
+
+    name: str = "spirals"
+    n: int = 1000
+    n_obs: int = 30  # observed points per series inside the window
+    noise: float = 0.1  # std of the Gaussian noise added to the data
+    seed: int = 0
+    test_fraction: float = 0.2
+    missing_rate: float = 0.0  # fraction of observed values dropped inside observation vectors
+    n_interp: Optional[int] = None  # held-out window points per series (null: generator default)
+    n_extrap: Optional[int] = None  # held-out future points per series (null: generator default)
+
+
+class Activation(str, Enum):
+    softplus = "softplus"
+    tanh = "tanh"
+    elu = "elu"
+    swish = "swish"
+
+
+@dataclass
+class CNFConf:
+    """cnf: continuous normalizing flow (FFJORD) with RNODE regularisers; see neuralode.models.cnf."""
+
+    name: str = "cnf"
+    hidden_dims: List[int] = field(default_factory=lambda: [64, 64, 64])  # MLP widths (2-D) or conv channels
+    num_blocks: int = 1
+    activation: Activation = Activation.softplus
+    trace: Trace = Trace.exact  # exact (one VJP per dimension) | hutchinson
+    noise: Noise = Noise.gaussian  # Hutchinson noise, drawn once per solve
+    time_length: float = 1.0  # each block integrates t in [0, time_length]
+    kinetic_weight: float = 0.0  # RNODE: weight of the integral of |f|^2
+    jacobian_weight: float = 0.0  # RNODE: weight of the integral of |df/dz|_F^2
+    logit_alpha: float = 1e-6  # images: logit(alpha + (1 - 2 alpha) u)
+    figure_resolution: int = 96  # 2-D: pixels per side of the density / histogram panels
+    figure_samples: int = 4000  # 2-D: samples drawn for the figure (images: up to 64)
+
+
+@dataclass
+class Toy2DDatasetConf:
+    """Toy 2-D densities (neuralode.data.toy2d); train and test sets are drawn from ``seed``."""
+
+    name: Toy2D = Toy2D["8gaussians"]
+    n_train: int = 100_000
+    n_test: int = 10_000
+    seed: int = 0
+
+
+@dataclass
+class OptimConf:
+    name: str = "sgd"  # sgd | adam
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    milestones: List[int] = field(default_factory=list)  # MultiStepLR, in epochs
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainerConf:
+    epochs: int = 3
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    limit_batches: Optional[int] = None  # train batches per epoch (tiny budgets)
+    limit_eval_batches: Optional[int] = None
+    max_minutes: Optional[float] = None  # stop after the epoch during which this wall-clock budget runs out
+    num_workers: int = 0
+    progress: bool = True  # tqdm bar; never shown when stdout is not a terminal
+
+
+@dataclass
+class EvalConf:
+    """Test-time tolerance sweep after training; atol is scaled like rtol."""
+
+    rtols: List[float] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: Any = MISSING
+    dataset: Any = MISSING
+    solver: SolverConf = MISSING
+    optim: OptimConf = MISSING
+    trainer: TrainerConf = MISSING
+    eval: EvalConf = field(default_factory=EvalConf)
+    rtol: float = 1e-3
+    atol: float = 1e-3
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data_dir: str = "data"
+    resume: Optional[str] = None  # run directory or checkpoint file
+
+
+class ConfigError(ValueError):
+    """A config value that composes but makes no sense; raised before any work."""
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    # Kept out of the selectable groups, so `model=<name>` lists only real models.
+    for group, name, node in (("solver", "solver", SolverConf), ("model", "image_classifier", ImageClassifierConf),
+                              ("dataset", "image", ImageDatasetConf), ("optim", "optim", OptimConf),
+                              ("model", "latent_ode", LatentODEConf), ("dataset", "timeseries", TimeSeriesDatasetConf),
+                              ("model", "cnf", CNFConf), ("dataset", "toy2d", Toy2DDatasetConf),
+                              ("trainer", "trainer", TrainerConf)):
+        cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+def validate(cfg) -> None:
+    """Check values the schemas cannot; raise :class:`ConfigError` naming the key."""
+    problems = []
+
+    def positive(key: str, value) -> None:
+        if value is not None and not value > 0:
+            problems.append(f"{key}={value} must be > 0")
+
+    positive("rtol", cfg.rtol)
+    positive("atol", cfg.atol)
+    for r in cfg.eval.rtols:
+        positive("eval.rtols[]", r)
+    positive("trainer.batch_size", cfg.trainer.batch_size)
+    positive("trainer.eval_batch_size", cfg.trainer.eval_batch_size)
+    positive("trainer.limit_batches", cfg.trainer.limit_batches)
+    positive("trainer.limit_eval_batches", cfg.trainer.limit_eval_batches)
+    positive("trainer.max_minutes", cfg.trainer.get("max_minutes"))
+    positive("optim.lr", cfg.optim.lr)
+    if cfg.trainer.epochs < 0:
+        problems.append(f"trainer.epochs={cfg.trainer.epochs} must be >= 0")
+    s = cfg.solver
+    positive("solver.step_size", s.step_size)
+    positive("solver.adjoint.rtol", s.adjoint.rtol)
+    positive("solver.adjoint.atol", s.adjoint.atol)
+    known = ADAPTIVE_METHODS + FIXED_METHODS
+    for key, method in (("solver.method", s.method), ("solver.adjoint.method", s.adjoint.method)):
+        if method is not None and method not in known:
+            problems.append(f"{key}={method!r} is not one of {', '.join(known)}")
+    if s.method in FIXED_METHODS and s.step_size is None and "step_size" not in s.options:
+        problems.append(f"solver.method={s.method} is a fixed-step method: set solver.step_size")
+    m = cfg.model
+    if m.get("kind") is not None:  # latent_ode / rnn
+        if m.kind not in ("latent_ode", "rnn"):
+            problems.append(f"model.kind={m.kind!r} is not one of latent_ode, rnn")
+        if m.encoder not in ("gru", "odernn"):
+            problems.append(f"model.encoder={m.encoder!r} is not one of gru, odernn")
+        positive("model.obs_std", m.obs_std)
+        if cfg.dataset.get("n_obs") is None:
+            problems.append(f"model={m.name} needs a time-series dataset (spirals, periodic), "
+                            f"not dataset={cfg.dataset.get('name')}")
+        for key in ("latent_dim", "rec_hidden", "dyn_hidden", "dec_hidden"):
+            positive(f"model.{key}", m[key])
+    if m.name == "cnf":
+        positive("model.time_length", m.time_length)
+        positive("model.num_blocks", m.num_blocks)
+        positive("model.figure_resolution", m.figure_resolution)
+        positive("model.figure_samples", m.figure_samples)
+        for h in m.hidden_dims:
+            positive("model.hidden_dims[]", h)
+        for key in ("kinetic_weight", "jacobian_weight"):
+            if m[key] < 0:
+                problems.append(f"model.{key}={m[key]} must be >= 0")
+        if cfg.dataset.get("channels") is None and cfg.dataset.get("n_train") is None:
+            problems.append(f"model=cnf needs a toy 2-D dataset ({', '.join(t.value for t in Toy2D)}) or an "
+                            f"image dataset (mnist, cifar10), got dataset={cfg.dataset.name}")
+    d = cfg.dataset
+    if d.get("n_train") is not None:  # toy 2-D
+        positive("dataset.n_train", d.n_train)
+        positive("dataset.n_test", d.n_test)
+    if d.get("n_obs") is not None:  # time series
+        positive("dataset.n_obs", d.n_obs)
+        positive("dataset.n", d.n)
+        if d.noise < 0:
+            problems.append(f"dataset.noise={d.noise} must be >= 0")
+        if not 0 < d.test_fraction < 1:
+            problems.append(f"dataset.test_fraction={d.test_fraction} must be in (0, 1)")
+        if not 0 <= d.missing_rate < 1:
+            problems.append(f"dataset.missing_rate={d.missing_rate} must be in [0, 1)")
+    if cfg.optim.name not in ("sgd", "adam"):
+        problems.append(f"optim.name={cfg.optim.name!r} is not one of sgd, adam")
+    if not (cfg.device in ("auto", "cpu") or str(cfg.device).startswith("cuda")):
+        problems.append(f"device={cfg.device!r} is not one of auto, cpu, cuda, cuda:N")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

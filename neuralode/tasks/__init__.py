@@ -1,0 +1,85 @@
+"""Model families, keyed by ``model.name``.
+
+A :class:`Task` bundles what differs between families (model, data, loss and
+metrics) behind one interface, so ``train.py`` has a single generic loop.
+Later families (cnf, latent_ode) register themselves with :func:`register`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from neuralode.models import SolverSettings
+
+
+class Task:
+    """Interface of one model family; see :mod:`neuralode.tasks.classification`."""
+
+    model: nn.Module
+    #: Metric the sweep summary and the HParams table report as "test accuracy".
+    primary_metric: str = "acc"
+    #: "max" (accuracy) or "min" (losses, RMSE): which direction is better for primary_metric.
+    primary_mode: str = "max"
+    #: DataLoader collate function; None means PyTorch's default (tuples of tensors).
+    collate_fn: Callable[[list], Any] | None = None
+
+    def datasets(self) -> tuple[Dataset, Dataset]:
+        raise NotImplementedError
+
+    def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean loss of a batch and per-batch mean metrics (e.g. ``{"acc": 0.9}``)."""
+        raise NotImplementedError
+
+    def log_figures(self, writer: Any, step: int) -> None:
+        """Optional TensorBoard figures; image classifiers have none."""
+
+    def hparams(self) -> dict[str, Any]:
+        """Extra hyperparameters for the HParams table (beyond model, solver, tolerances, ...)."""
+        return {}
+
+
+_REGISTRY: dict[str, Callable[..., Task]] = {}
+
+
+def register(*names: str) -> Callable[[Callable[..., Task]], Callable[..., Task]]:
+    def wrap(factory: Callable[..., Task]) -> Callable[..., Task]:
+        for name in names:
+            _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def solver_settings(cfg: Any) -> SolverSettings:
+    """Translate the composed config into the models' plain solver settings."""
+    s = cfg.solver
+    return SolverSettings(
+        method=s.method,
+        rtol=float(cfg.rtol),
+        atol=float(cfg.atol),
+        grad=getattr(s.grad, "value", s.grad),
+        seminorm=bool(s.seminorm),
+        step_size=s.step_size,
+        options=dict(s.options),
+        adjoint_rtol=s.adjoint.rtol,
+        adjoint_atol=s.adjoint.atol,
+        adjoint_method=s.adjoint.method,
+        adjoint_options=dict(s.adjoint.options),
+    )
+
+
+def build_task(cfg: Any) -> Task:
+    """Build the task for ``cfg.model.name``; raise ``KeyError`` listing known names."""
+    from neuralode.tasks import classification  # noqa: F401  (registers odenet, resnet, rknet)
+    from neuralode.tasks import latent_ode  # noqa: F401  (registers latent_ode, rnn)
+    from neuralode.tasks import cnf  # noqa: F401  (registers cnf)
+
+    try:
+        factory = _REGISTRY[cfg.model.name]
+    except KeyError:
+        raise KeyError(f"unknown model.name={cfg.model.name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+    return factory(cfg)

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny MNIST files in torchvision's raw layout, and a helper
+that runs the real ``neuralode-train`` entry point in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_MNIST = REPO_ROOT.parent / "shared" / "data" / "mnist-10k"
+
+# Small and fast: width-8 ODE-Net, batches of 16, one eval batch, loose solve.
+TINY = ["model.width=8", "trainer.batch_size=16", "trainer.eval_batch_size=32", "trainer.limit_batches=2",
+        "trainer.limit_eval_batches=1", "trainer.epochs=1", "rtol=1e-2", "atol=1e-2", "eval.rtols=[0.1]"]
+
+
+def write_idx_mnist(root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """Write random digits in MNIST's idx format under ``root/MNIST/raw``."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.randint(0, 10, (n,), generator=g, dtype=torch.uint8)
+        images = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">iiii", 2051, n, 28, 28)
+                                                         + images.numpy().tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, n) + labels.numpy().tobytes())
+    return root
+
+
+@pytest.fixture(scope="session")
+def fake_mnist(tmp_path_factory) -> Path:
+    return write_idx_mnist(tmp_path_factory.mktemp("data"), n_train=640, n_test=64)
+
+
+def train_cmd(*overrides: str) -> list[str]:
+    return [sys.executable, "-m", "neuralode.train", *overrides]
+
+
+def run_train(*overrides: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the entry point to completion; stdout and stderr are merged."""
+    env = dict(os.environ, HYDRA_FULL_ERROR="0", PYTHONUNBUFFERED="1")
+    return subprocess.run(train_cmd(*overrides), cwd=cwd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """All scalar series of the run's events files: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

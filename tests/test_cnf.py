@@ -1,0 +1,294 @@
+"""Continuous normalizing flows: change of variables, trace estimators, invertibility,
+RNODE regularisers, toy data, and the real entry point with ``model=cnf``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from neuralode.data.toy2d import TOY_NAMES, entropy, log_density, sample_toy, toy_datasets
+from neuralode.models import SolverSettings
+from neuralode.models.cnf import (CNF, CNFBlock, bits_per_dim, cnf_2d, cnf_image, dequantize_logit, logit_inverse,
+                                  standard_normal_logprob)
+
+TIGHT = SolverSettings(method="dopri5", rtol=1e-9, atol=1e-9, grad="direct")
+
+
+class Linear(nn.Module):
+    """f(t, z) = A z."""
+
+    def __init__(self, a: torch.Tensor):
+        super().__init__()
+        self.a = nn.Parameter(a)
+
+    def forward(self, t, z):
+        return z @ self.a.T
+
+
+def linear_block(a, trace="exact", noise="gaussian", t_end=1.0, solver=TIGHT, regularise=False):
+    return CNFBlock(Linear(a), solver, trace=trace, noise=noise, time_length=t_end, regularise=regularise)
+
+
+@pytest.fixture
+def a_matrix():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(4, 4, generator=g, dtype=torch.float64) * 0.5
+
+
+def test_change_of_variables_linear_field_exact(a_matrix):
+    t_end = 0.7
+    block = linear_block(a_matrix, t_end=t_end, regularise=True)
+    z0 = torch.randn(5, 4, dtype=torch.float64)
+    z, delta, kinetic, frob = block(z0)
+    # Δlogp = ∫ tr A dt = log det exp(A t); the flow itself is exp(A t).
+    assert torch.allclose(delta, torch.full_like(delta, t_end * torch.trace(a_matrix).item()), atol=1e-7)
+    assert math.isclose(t_end * torch.trace(a_matrix).item(),
+                        torch.logdet(torch.linalg.matrix_exp(a_matrix * t_end)).item(), abs_tol=1e-9)
+    assert torch.allclose(z, z0 @ torch.linalg.matrix_exp(a_matrix * t_end).T, atol=1e-7)
+    # RNODE integrals: ∫‖∂f/∂z‖²_F = t ‖A‖²_F exactly; ∫‖A z(t)‖² by quadrature of the closed form.
+    assert torch.allclose(frob, torch.full_like(frob, t_end * a_matrix.pow(2).sum().item()), atol=1e-7)
+    ts = torch.linspace(0, t_end, 2001, dtype=torch.float64)
+    zt = torch.stack([z0 @ torch.linalg.matrix_exp(a_matrix * s).T for s in ts])
+    ke = torch.trapezoid((zt @ a_matrix.T).pow(2).sum(-1), ts, dim=0)
+    assert torch.allclose(kinetic, ke, rtol=1e-5)
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+def test_hutchinson_matches_exact_in_expectation(a_matrix, noise):
+    block = linear_block(a_matrix, trace="hutchinson", noise=noise, solver=SolverSettings(rtol=1e-6, atol=1e-6,
+                                                                                          grad="direct"))
+    torch.manual_seed(1)
+    z0 = torch.randn(1, 4, dtype=torch.float64).expand(4000, 4).contiguous()
+    delta = block(z0)[1]  # one independent noise vector per row, held fixed through the solve
+    exact = torch.trace(a_matrix).item()
+    mean, se = delta.mean().item(), delta.std().item() / math.sqrt(len(delta))
+    assert abs(mean - exact) < 4 * se, (mean, exact, se)
+    assert delta.std() > 0  # it really is an estimate
+    if noise == "rademacher":  # εᵀAε = tr A + off-diagonal terms: variance without the diagonal's
+        assert delta.std() < (torch.randn(4000, 4, dtype=torch.float64) @ a_matrix
+                              * torch.randn(4000, 4, dtype=torch.float64)).sum(1).std() * 1.5
+
+
+def test_noise_is_fixed_within_one_solve(a_matrix):
+    """With a linear field, a fixed ε gives εᵀAε·t exactly; a re-drawn ε would not."""
+    block = linear_block(a_matrix, trace="hutchinson", solver=SolverSettings(rtol=1e-9, atol=1e-9, grad="direct"))
+    torch.manual_seed(3)
+    delta = block(torch.randn(6, 4, dtype=torch.float64))[1]
+    e = block.func.noise
+    assert torch.allclose(delta, ((e @ a_matrix.T) * e).sum(1), atol=1e-7)
+
+
+def random_2d_cnf(solver, trace="exact", regularise=False, scale=1.0):
+    torch.manual_seed(0)
+    model = cnf_2d(solver, hidden=(16, 16), activation="tanh", trace=trace, regularise=regularise).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    return model
+
+
+def test_invertibility_sample_then_evaluate():
+    model = random_2d_cnf(SolverSettings(rtol=1e-8, atol=1e-8, grad="direct"), scale=2.0)
+    g = torch.Generator().manual_seed(0)
+    x = model.sample(64, generator=g)
+    z0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert (x - z0).abs().max() > 1e-2  # the flow is not the identity
+    with torch.no_grad():
+        z, *_ = model(x)
+    assert torch.allclose(z, z0, atol=1e-6)
+
+
+def test_log_prob_matches_brute_force_jacobian():
+    """log p(x) = log N(z(T)) + log|det ∂z(T)/∂x|, with the Jacobian from autograd through the solve."""
+    model = random_2d_cnf(SolverSettings(rtol=1e-9, atol=1e-9, grad="direct"), scale=2.0)
+    x = torch.randn(3, 2, dtype=torch.float64)
+    with torch.no_grad():
+        log_p = model.log_prob(x)[0]
+    for i in range(3):
+        jac = torch.autograd.functional.jacobian(lambda v: model(v[None])[0][0], x[i])
+        z = model(x[i:i + 1])[0].detach()
+        expected = standard_normal_logprob(z)[0] + torch.logdet(jac)
+        assert abs(log_p[i].item() - expected.item()) < 1e-6
+
+
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+def test_gradient_modes_agree(trace):
+    grads = {}
+    for grad in ("direct", "adjoint", "checkpoint"):
+        model = random_2d_cnf(SolverSettings(rtol=1e-8, atol=1e-8, grad=grad), trace=trace, regularise=True)
+        x = torch.randn(8, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        torch.manual_seed(5)  # same Hutchinson noise in every mode
+        log_p, kin, frob = model.log_prob(x)
+        (-log_p.mean() + 0.1 * kin.mean() + 0.1 * frob.mean()).backward()
+        grads[grad] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    for grad in ("adjoint", "checkpoint"):
+        assert torch.allclose(grads[grad], grads["direct"], rtol=1e-4, atol=1e-6), grad
+
+
+def test_kinetic_energy_falls_with_large_weight():
+    from omegaconf import OmegaConf
+
+    from neuralode.tasks.cnf import CNFTask
+
+    cfg = OmegaConf.create(dict(
+        model=dict(name="cnf", hidden_dims=[16, 16], num_blocks=1, activation="softplus", trace="exact",
+                   noise="gaussian", time_length=1.0, kinetic_weight=10.0, jacobian_weight=1.0, logit_alpha=1e-6,
+                   figure_resolution=16, figure_samples=64),
+        dataset=dict(name="8gaussians", n_train=256, n_test=64, seed=0),
+        solver=dict(method="dopri5", grad="direct", seminorm=False, step_size=None, options={},
+                    adjoint=dict(rtol=None, atol=None, method=None, options={})),
+        rtol=1e-4, atol=1e-4, data_dir="data"))
+    torch.manual_seed(0)
+    task = CNFTask(cfg)
+    train, _ = task.datasets()
+    opt = torch.optim.Adam(task.model.parameters(), lr=1e-2)
+    x = train.tensors[0][:128]
+    kinetic = []
+    for _ in range(8):
+        loss, metrics = task.loss((x,))
+        assert {"nll", "kinetic", "jacobian"} <= metrics.keys()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        kinetic.append(metrics["kinetic"])
+    assert kinetic[-1] < 0.5 * kinetic[0], kinetic
+    # Figures render as (3, H, W) tensors in [0, 1] without any plotting library.
+    figs = task.figures()
+    img = figs["figures/density_samples_data"]
+    assert img.shape[0] == 3 and img.shape[1] == 16 and img.min() >= 0 and img.max() <= 1
+
+
+def test_dequantize_logit_logdet_and_bits_per_dim():
+    x = torch.randint(0, 256, (3, 1, 2, 2)).double() / 255
+    g = torch.Generator().manual_seed(0)
+    y, logdet = dequantize_logit(x, alpha=1e-6, generator=g)
+    u = (torch.round(x * 255) + torch.rand(x.shape, generator=torch.Generator().manual_seed(0),
+                                          dtype=torch.float64)) / 256
+    jac = torch.autograd.functional.jacobian(lambda v: torch.logit(1e-6 + (1 - 2e-6) * v), u[0].flatten())
+    assert abs(torch.logdet(jac).item() - logdet[0].item()) < 1e-6
+    assert torch.allclose(logit_inverse(y), u, atol=1e-9)
+    # A uniform density on [0,1)^D is exactly 8 bits/dim on the 256-level grid.
+    assert torch.allclose(bits_per_dim(-logdet, logdet, 4), torch.full((3,), 8.0, dtype=torch.float64))
+
+
+def test_image_cnf_runs_and_is_finite():
+    model = cnf_image(SolverSettings(rtol=1e-2, atol=1e-2, grad="adjoint"), (1, 4, 4), hidden=(4,),
+                      trace="hutchinson", noise="rademacher", regularise=True)
+    y, logdet = dequantize_logit(torch.rand(2, 1, 4, 4))
+    log_p, kin, frob = model.log_prob(y)
+    bpd = bits_per_dim(log_p, logdet, 16).mean()
+    (bpd + kin.mean() + frob.mean()).backward()
+    assert torch.isfinite(bpd) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.sample(2).shape == (2, 1, 4, 4)
+
+
+# -- toy data ---------------------------------------------------------------------------------
+def test_toy_generators_are_seeded_and_distinct():
+    for name in TOY_NAMES:
+        a, b = sample_toy(name, 100, 0), sample_toy(name, 100, 0)
+        assert a.shape == (100, 2) and torch.equal(a, b) and torch.isfinite(a).all()
+        assert not torch.equal(a, sample_toy(name, 100, 1))
+    train, test = toy_datasets("moons", 50, 20, seed=3)
+    assert len(train) == 50 and len(test) == 20 and not torch.equal(train.tensors[0][:20], test.tensors[0])
+    with pytest.raises(ValueError, match="valid names: 8gaussians, checkerboard"):
+        sample_toy("foo", 10, 0)
+
+
+def test_toy_entropies():
+    h, se = entropy("8gaussians", n=200_000)
+    # Slightly below ln 8 + ln(2πe·0.125) = 2.838: the components overlap a little.
+    assert 2.81 < h < 2.838 and se < 0.005
+    assert entropy("checkerboard") == (math.log(32), 0.0)
+    x = sample_toy("checkerboard", 10_000, 0)
+    assert torch.isfinite(log_density("checkerboard", x)).all()  # every sample lies on the support
+
+
+# -- the real entry point ---------------------------------------------------------------------
+CNF_TINY = ["model=cnf", "dataset=8gaussians", "model.hidden_dims=[16,16]", "dataset.n_train=256",
+            "dataset.n_test=128", "trainer.batch_size=64", "trainer.eval_batch_size=64", "trainer.epochs=1",
+            "trainer.limit_batches=2", "trainer.limit_eval_batches=1", "rtol=1e-3", "atol=1e-3",
+            "eval.rtols=[1e-2]", "model.figure_resolution=24", "model.figure_samples=200", "optim=adam"]
+
+
+def images(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    return {tag: acc.Images(tag) for tag in acc.Tags()["images"]}
+
+
+def test_entry_point_cnf_logs_nll_nfe_and_figure(tmp_path):
+    from conftest import run_train, scalars
+
+    out = tmp_path / "run"
+    res = run_train(*CNF_TINY, f"hydra.run.dir={out}", cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stdout
+    logged = scalars(out)
+    needed = {"train/nll", "test/nll", "nfe/forward", "nfe/backward", "train/loss", "test/nfe_forward"}
+    assert needed <= logged.keys(), needed - logged.keys()
+    assert "train/acc" not in logged
+    figs = images(out)
+    assert "figures/density_samples_data" in figs and figs["figures/density_samples_data"][0].width > 24
+
+
+def test_entry_point_cnf_regularised_logs_regularisers(tmp_path):
+    from conftest import run_train, scalars
+
+    out = tmp_path / "run"
+    res = run_train(*CNF_TINY, "model.kinetic_weight=0.1", "model.jacobian_weight=0.1", "model.trace=hutchinson",
+                    "model.noise=rademacher", f"hydra.run.dir={out}", cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stdout
+    logged = scalars(out)
+    assert {"train/kinetic", "train/jacobian", "test/kinetic", "test/jacobian"} <= logged.keys()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dataset=foo", "8gaussians"),
+    ("model.trace=foo", "exact, hutchinson"),
+    ("model.noise=foo", "gaussian, rademacher"),
+    ("dataset.name=foo", "checkerboard"),
+])
+def test_bad_cnf_options_fail_before_work(override, message, tmp_path):
+    from conftest import run_train
+
+    out = tmp_path / "run"
+    res = run_train(*CNF_TINY, override, f"hydra.run.dir={out}", cwd=tmp_path, timeout=120)
+    assert res.returncode != 0
+    assert message in res.stdout, res.stdout
+    assert not (out / "tb").exists()
+
+
+# -- config: every cnf option composes, validates and runs a tiny batch ---------------------
+CNF_OPTIONS = ([f"dataset={n}" for n in TOY_NAMES]
+               + [f"experiment={e}" for e in ("cnf_8gaussians", "cnf_checkerboard", "cnf_mnist_ffjord",
+                                               "cnf_mnist_rnode")])
+
+
+@pytest.mark.parametrize("option", CNF_OPTIONS)
+def test_cnf_options_compose_and_run(option):
+    from hydra import compose, initialize_config_module
+
+    from neuralode.config import register_configs, validate
+    from neuralode.tasks import build_task
+
+    register_configs()
+    with initialize_config_module("neuralode.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["model=cnf", "dataset=8gaussians", option, "rtol=1e-2", "atol=1e-2",
+                                           "model.hidden_dims=[4]"])
+    validate(cfg)
+    task = build_task(cfg)
+    d = cfg.dataset
+    if "channels" in d:  # images: a tiny random batch of the right shape, pixels in [0, 1]
+        x = torch.rand(2, d.channels, d.image_size, d.image_size)
+        metric = "bpd"
+    else:
+        x = sample_toy(str(getattr(d.name, "value", d.name)), 4, 0)
+        metric = "nll"
+    loss, metrics = task.loss((x,))
+    loss.backward()
+    assert torch.isfinite(loss) and metric in metrics and task.primary_metric == metric
+    assert all(p.grad is not None for p in task.model.parameters())
