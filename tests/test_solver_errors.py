@@ -193,7 +193,7 @@ def test_non_finite_vector_field_is_reported():
 
 
 def test_nan_from_the_start_is_reported():
-    with pytest.raises(NonFiniteError, match=r"NaN/Inf"):
+    with pytest.raises(NonFiniteError, match=r"NaN or Inf at the initial point t=0"):
         odeint(lambda t, y: y * math.nan, Y0, T)
 
 
