@@ -67,7 +67,7 @@ class Trace:
     """Accepted steps of a forward solve, with states kept every ``every`` steps (checkpoint mode)."""
 
     every: int
-    steps: List[Tuple[float, float, bool]] = field(default_factory=list)  # (t, h, lands on a jump)
+    steps: List[Tuple[float, float, bool, object]] = field(default_factory=list)  # (t, t_next, lands on a jump, tag)
     states: Dict[int, torch.Tensor] = field(default_factory=dict)  # step index -> state at its start
 
 
@@ -215,7 +215,9 @@ def _solve(
                 f"max_num_steps={o.max_num_steps} exceeded at t={t:.6g} (integrating to {t_end:.6g}, dt={dt:.3g}). "
                 "Raise options['max_num_steps'] if the solve is just long; " + STIFF_HINT
             )
-        step = method.step(_before_jump(func, t_next, direction) if landing and stop in jumps else func, t, dt, y, f0)
+        on_jump = landing and stop in jumps
+        step_func = _before_jump(func, t_next, direction) if on_jump else func
+        step = method.step(step_func, t, dt, y, f0)
         if getattr(step, "failed", False):  # an implicit method's Newton iteration did not converge
             if fixed:
                 raise SolverError(f"Newton iteration did not converge at t={t:.6g} with the fixed step {dt:.3g}; use a smaller step_size")
@@ -246,7 +248,6 @@ def _solve(
             abs_y = abs_y1
             h = abs(dt) * controller.factor(ratio, True)
             res.next_h = h
-        on_jump = landing and stop in jumps
         if trace is not None:
             if len(trace.steps) % trace.every == 0:
                 trace.states[len(trace.steps)] = y.detach()
@@ -259,14 +260,13 @@ def _solve(
                 res.outputs.append(method.interpolate(func, step, res.event_t))
                 return
             g0 = g1
-        out_i = _emit(prob, step, ts, out_i, res.outputs, t_next, direction)
+        out_i = _emit(method, step_func, step, ts, out_i, res.outputs, t_next, direction)
         if landing:
             stop_i += 1
             if stop_i == len(stops):
                 return
         t, y = t_next, step.y1
-        # re-evaluate after a discontinuity, just past it
-        f0 = func(math.nextafter(t, direction * math.inf), y) if on_jump else method.end_derivative(func, step)
+        f0 = _next_f0(method, func, step, t, direction, on_jump)
 
 
 def _locate_event(prob: Problem, step: Step, event: EventFn, g0: float, g1: float) -> float:
@@ -296,15 +296,24 @@ def _before_jump(func, t_jump: float, direction: float):
     return lambda s, y: func(t_in if direction * (s - t_jump) >= 0 else s, y)
 
 
-def _emit(prob: Problem, step: Step, ts: Sequence[float], i: int, outputs: List[torch.Tensor], t_next: float, direction: float) -> int:
-    """Append the outputs that fall in (t, t_next]; the step itself is never shortened for them."""
+def _next_f0(method, func, step: Step, t_next: float, direction: float, on_jump: bool) -> torch.Tensor:
+    """f at the start of the next step: reused from this step, or re-evaluated just past a jump."""
+    if on_jump:
+        return func(math.nextafter(t_next, direction * math.inf), step.y1)
+    return method.end_derivative(func, step)
+
+
+def _emit(method, func, step: Step, ts: Sequence[float], i: int, outputs: List[torch.Tensor], t_next: float,
+          direction: float) -> int:
+    """Append the outputs that fall in (t, t_next]; the step itself is never shortened for them.
+    ``func`` is the one the step used, so a step onto a jump interpolates from its own side."""
     while i < len(ts) and direction * (ts[i] - t_next) <= 0:
-        outputs.append(step.y1 if ts[i] == t_next else prob.method.interpolate(prob.func, step, ts[i]))
+        outputs.append(step.y1 if ts[i] == t_next else method.interpolate(func, step, ts[i]))
         i += 1
     return i
 
 
-def replay(prob: Problem, y: torch.Tensor, steps: Sequence[Tuple[float, float, bool]], ts: Sequence[float]) -> List[torch.Tensor]:
+def replay(prob: Problem, y: torch.Tensor, steps: Sequence[Tuple[float, float, bool, object]], ts: Sequence[float]) -> List[torch.Tensor]:
     """Re-run recorded steps exactly (no error control) and return the outputs at ``ts`` among them
     followed by the final state. Checkpointed gradients use it to rebuild one segment's graph."""
     func, method = prob.func, prob.method
@@ -320,8 +329,8 @@ def replay(prob: Problem, y: torch.Tensor, steps: Sequence[Tuple[float, float, b
             step = method.step(step_func, t, t_next - t, y, f0, tag=tag[0])
         else:
             step = method.step(step_func, t, t_next - t, y, f0)
-        i = _emit(prob, step, ts, i, outputs, t_next, direction)
+        i = _emit(method, step_func, step, ts, i, outputs, t_next, direction)
         y = step.y1
         if n + 1 < len(steps):
-            f0 = func(math.nextafter(t_next, direction * math.inf), y) if on_jump else method.end_derivative(func, step)
+            f0 = _next_f0(method, func, step, t_next, direction, on_jump)
     return outputs + [y]
