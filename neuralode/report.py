@@ -65,8 +65,9 @@ COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 10
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Two panels against log10(rtol): test accuracy, and forward/backward NFE.
-    One line per (model, method, grad) combination."""
+    """Two panels against log10(rtol): the jobs' primary test metric (accuracy for
+    classifiers, NLL or bits/dim for flows, RMSE for latent ODEs), and forward/backward
+    NFE. One line per (model, method, grad) combination."""
     from PIL import Image, ImageDraw
 
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -80,12 +81,18 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         rs = sorted(rs, key=lambda r: r["rtol"])
         xs = [math.log10(r["rtol"]) for r in rs]
         color = COLORS[i % len(COLORS)]
-        series_acc.append((name, color, xs, [r["test_acc"] or 0.0 for r in rs], False))
+        series_acc.append((name, color, xs, [_primary(r) for r in rs], False))
         series_nfe.append((f"{name} fwd", color, xs, [r["nfe_forward"] or 0.0 for r in rs], False))
         series_nfe.append((f"{name} bwd", color, xs, [r["nfe_backward"] or 0.0 for r in rs], True))
-    _panel(draw, (60, 30, 470, 360), "test accuracy vs log10(rtol)", series_acc)
+    metrics = {(r["primary_metric"] or "test_acc").removeprefix("test_") for rs in groups.values() for r in rs}
+    _panel(draw, (60, 30, 470, 360), f"test {' / '.join(sorted(metrics))} vs log10(rtol)", series_acc)
     _panel(draw, (560, 30, 970, 360), "NFE per iteration vs log10(rtol)", series_nfe)
     img.save(path)
+
+
+def _primary(row: dict[str, Any]) -> float:
+    value = row["test_primary"] if row["test_primary"] is not None else row["test_acc"]
+    return value or 0.0
 
 
 def _panel(draw, box, title, series) -> None:

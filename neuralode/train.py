@@ -5,6 +5,10 @@ train with per-epoch evaluation and checkpoints, then evaluate the test set at
 several tolerances and write the final metrics. All side effects go through
 :class:`neuralode.run.Run`.
 
+Under ``torchrun`` every rank runs this same script: DDP averages gradients,
+each rank trains on its share of the global batch, metrics and NFE are averaged
+over ranks before rank 0 logs them (see :mod:`neuralode.distributed`).
+
 Exit codes: 0 done, 2 bad config or missing data, 3 solver failure,
 4 non-finite loss, 128+signal when interrupted (130 SIGINT, 143 SIGTERM).
 """
@@ -26,8 +30,9 @@ from torch.utils.data import DataLoader
 
 from neuralode.config import ConfigError, register_configs, validate
 from neuralode.data import DataError, EpochSampler
+from neuralode.distributed import Distributed, mean_over, torchrun_argv
 from neuralode.models import ODEBlock, solver_overrides
-from neuralode.run import Run
+from neuralode.run import Run, rng_state, set_rng_state
 from neuralode.tasks import Task, build_task
 
 log = logging.getLogger("neuralode.train")
@@ -38,12 +43,6 @@ class TrainingStopped(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -72,8 +71,10 @@ def build_optimizer(cfg: DictConfig, model: torch.nn.Module):
 
 
 @torch.no_grad()
-def evaluate(task: Task, loader: DataLoader, limit: int | None, device: torch.device) -> dict[str, float]:
-    """Sample-weighted mean loss and metrics over the test set, plus mean forward NFE per batch."""
+def evaluate(task: Task, loader: DataLoader, limit: int | None, device: torch.device,
+             dist: Distributed) -> dict[str, float]:
+    """Sample-weighted mean loss and metrics over the test set (every rank's shard), plus
+    mean forward NFE per batch."""
     from neuralode import record_stats
 
     task.model.eval()
@@ -91,60 +92,93 @@ def evaluate(task: Task, loader: DataLoader, limit: int | None, device: torch.de
         n += size
         batches += 1
         nfe += stats.nfe_forward
-    out = {k: v / max(n, 1) for k, v in totals.items()}
+    parts = dist.gather((totals, n, batches, nfe))
+    n, batches, nfe = (sum(p[i] for p in parts) for i in (1, 2, 3))
+    out = {k: sum(p[0].get(k, 0.0) for p in parts) / max(n, 1) for k in dict.fromkeys(k for p in parts for k in p[0])}
     out["nfe_forward"] = nfe / max(batches, 1)
     return out
 
 
 def train(cfg: DictConfig) -> int:
-    """Run one job; return its exit code."""
-    from neuralode import SolverError, record_stats
-
+    """Run one job (one rank of it under torchrun); return its exit code."""
     try:
         validate(cfg)
     except ConfigError as e:
         log.error("%s", e)
         return 2
+    dist = Distributed.from_env()
+    if not dist.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 reports progress; other ranks only problems
+    if cfg.trainer.batch_size % dist.world_size:
+        log.error("trainer.batch_size=%d is the global batch and must be divisible by the %d ranks",
+                  cfg.trainer.batch_size, dist.world_size)
+        return 2
+    device = dist.device(cfg.device)
+    dist.init(device)
+    try:
+        return fit(cfg, dist, device)
+    finally:
+        dist.close()
+
+
+def fit(cfg: DictConfig, dist: Distributed, device: torch.device) -> int:
+    from neuralode import SolverError, record_stats
 
     # -- set-up ----------------------------------------------------------------
     hydra_cfg = HydraConfig.get()
-    run = Run(hydra_cfg.runtime.output_dir, progress=cfg.trainer.progress)
+    run = Run(hydra_cfg.runtime.output_dir, progress=cfg.trainer.progress, enabled=dist.is_main)
     log.info("output directory: %s", run.out_dir)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
 
     task = build_task(cfg)
     model = task.model.to(device)
     log.info("model %s: %.3fM parameters, device %s", cfg.model.name,
              sum(p.numel() for p in model.parameters()) / 1e6, device)
+    if dist.enabled:
+        random.seed(cfg.seed + dist.rank)  # distinct noise per rank (Hutchinson, dequantisation, crops)
+        torch.manual_seed(cfg.seed + dist.rank)
+        log.info("DDP: %d ranks (%s), %d samples per rank per step", dist.world_size,
+                 torch.distributed.get_backend(), cfg.trainer.batch_size // dist.world_size)
     try:
         train_set, test_set = task.datasets()
     except DataError as e:
         log.error("%s", e)
         return 2
     t = cfg.trainer
-    sampler = EpochSampler(len(train_set), cfg.seed)
+    shard = dict(rank=dist.rank, world_size=dist.world_size)
+    sampler = EpochSampler(len(train_set), cfg.seed, **shard)
     collate = getattr(task, "collate_fn", None)  # tasks with dict batches (latent_ode) bring their own
-    train_loader = DataLoader(train_set, t.batch_size, sampler=sampler, num_workers=t.num_workers,
-                              pin_memory=device.type == "cuda", collate_fn=collate)
-    test_loader = DataLoader(test_set, t.eval_batch_size, shuffle=False, num_workers=t.num_workers,
-                             collate_fn=collate)
+    train_loader = DataLoader(train_set, t.batch_size // dist.world_size, sampler=sampler,
+                              num_workers=t.num_workers, pin_memory=device.type == "cuda", collate_fn=collate)
+    test_loader = DataLoader(test_set, t.eval_batch_size, num_workers=t.num_workers, collate_fn=collate,
+                             sampler=EpochSampler(len(test_set), 0, shuffle=False, equal_shards=False, **shard))
     optimizer, scheduler = build_optimizer(cfg, model)
 
     epoch, start_batch, step = 0, 0, 0
-    if cfg.resume:
-        path, state = Run.load_checkpoint(cfg.resume)
+    resume = cfg.resume
+    if resume is None and dist.restart_count > 0 and run.ckpt_path.exists():
+        resume = str(run.ckpt_path)  # torchrun restarted the workers after a failure
+    if resume:
+        path, state = Run.load_checkpoint(resume)
+        if len(state.get("rng_ranks", [])) == dist.world_size:
+            set_rng_state(state["rng_ranks"][dist.rank])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
         log.info("resumed from %s at epoch %d, batch %d, step %d", path, epoch + 1, start_batch, step)
+    task.net = dist.wrap(model, device)
 
     def checkpoint(epoch: int, batch: int) -> None:
+        rng_ranks = dist.gather(rng_state())  # a collective: every rank calls checkpoint()
         run.save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                                  scheduler=scheduler.state_dict(), epoch=epoch, batch=batch, step=step,
-                                 config=OmegaConf.to_container(cfg, resolve=True)))
+                                 rng_ranks=rng_ranks, config=OmegaConf.to_container(cfg, resolve=True)))
+
+    def stop_signal() -> int | None:
+        """The first signal any rank received, so all ranks stop at the same point."""
+        return next((s for s in dist.gather(run.stop_signal) if s is not None), None)
 
     # -- training --------------------------------------------------------------
     history: dict[str, float] = {}
@@ -171,18 +205,22 @@ def train(cfg: DictConfig) -> int:
                         batch = to_device(batch, device)
                         with record_stats() as stats:
                             loss, metrics = task.loss(batch)
-                            if not math.isfinite(loss.item()):
+                            losses = dist.gather(loss.item())  # agree before backward, where DDP syncs
+                            if not all(map(math.isfinite, losses)):
                                 raise TrainingStopped(
-                                    f"loss is {loss.item()} at iteration {step + 1} (epoch {epoch + 1}, "
-                                    f"batch {i + 1}); stopping", 4)
+                                    f"loss is {losses[0] if len(losses) == 1 else f'{losses} (per rank)'} at "
+                                    f"iteration {step + 1} (epoch {epoch + 1}, batch {i + 1}); stopping", 4)
                             optimizer.zero_grad(set_to_none=True)
                             loss.backward()
                         optimizer.step()
                         step += 1
+                        local = {"loss": losses[dist.rank], **metrics,
+                                 "nfe_f": stats.nfe_forward, "nfe_b": stats.nfe_backward}
+                        ranks = dist.gather((local, run.stop_signal))
+                        values = mean_over([v for v, _ in ranks])
+                        stop = next((s for _, s in ranks if s is not None), None)
                         dt = time.perf_counter() - tic
                         iter_times.append(dt)
-                        values = {"loss": loss.item(), **metrics,
-                                  "nfe_f": stats.nfe_forward, "nfe_b": stats.nfe_backward}
                         run.scalars({"train/loss": values["loss"], **{f"train/{k}": v for k, v in metrics.items()},
                                      "nfe/forward": values["nfe_f"], "nfe/backward": values["nfe_b"],
                                      "time/iter": dt}, step)
@@ -192,16 +230,16 @@ def train(cfg: DictConfig) -> int:
                         for k in sums:
                             sums[k] += values.get(k, 0.0)
                         bar.set_postfix({k: f"{v / seen:.3g}" for k, v in sums.items()}, refresh=False)
-                        if run.stop_signal is not None:
+                        if stop is not None:
                             checkpoint(epoch, i + 1)
                             log.warning("interrupted at step %d; checkpoint %s", step, run.ckpt_path)
                             run.flush()
-                            return 128 + run.stop_signal
+                            return 128 + stop
 
                 epoch_time = time.perf_counter() - epoch_start
                 lr = optimizer.param_groups[0]["lr"]
                 scheduler.step()
-                test = evaluate(task, test_loader, t.limit_eval_batches, device)
+                test = evaluate(task, test_loader, t.limit_eval_batches, device, dist)
                 means = {k: v / max(seen, 1) for k, v in sums.items()}
                 run.scalars({**{f"train/{k}_epoch": v for k, v in means.items() if k not in ("nfe_f", "nfe_b")},
                              "nfe/forward_epoch": means["nfe_f"], "nfe/backward_epoch": means["nfe_b"],
@@ -219,9 +257,10 @@ def train(cfg: DictConfig) -> int:
                 epoch, start_batch = epoch + 1, 0
                 checkpoint(epoch, 0)
                 run.flush()
-                if run.stop_signal is not None:
-                    return 128 + run.stop_signal
-                if t.get("max_minutes") and time.perf_counter() - train_start > 60 * t.max_minutes:
+                stop = stop_signal()
+                if stop is not None:
+                    return 128 + stop
+                if t.get("max_minutes") and dist.gather(time.perf_counter() - train_start)[0] > 60 * t.max_minutes:
                     log.info("trainer.max_minutes=%g reached after epoch %d; stopping", t.max_minutes, epoch)
                     break
     except SolverError as e:
@@ -237,7 +276,7 @@ def train(cfg: DictConfig) -> int:
     if any(isinstance(m, ODEBlock) for m in model.modules()):
         for r in cfg.eval.rtols:
             with solver_overrides(model, rtol=r, atol=r * cfg.atol / cfg.rtol):
-                res = evaluate(task, test_loader, t.limit_eval_batches, device)
+                res = evaluate(task, test_loader, t.limit_eval_batches, device, dist)
             key = task.primary_metric  # acc for classifiers, nll / bpd for flows, ...
             tol_rows.append({"rtol": r, key: res.get(key, 0.0), "nfe_forward": res["nfe_forward"]})
             run.scalars({f"tol_eval/{key}/rtol={r:g}": res.get(key, 0.0),
@@ -283,10 +322,20 @@ def _config_path() -> str:
 
 
 @hydra.main(version_base="1.3", config_path=_config_path(), config_name="config")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     code = train(cfg)
     if code:
         sys.exit(code)
+
+
+def main() -> None:
+    """``neuralode-train`` and ``python -m neuralode.train``, also as every rank of a torchrun job."""
+    try:
+        sys.argv[1:] = torchrun_argv(sys.argv[1:])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -48,16 +48,16 @@ def per_epoch(run_dir: Path) -> list[dict]:
     return rows
 
 
-def run_job(name: str, overrides: list[str], data_dir: Path, out: Path, epochs: int) -> list[dict]:
+def run_job(name: str, overrides: list[str], data_dir: Path, out: Path, epochs: int, seed: int) -> list[dict]:
     run_dir = out / name
     cmd = [sys.executable, "-m", "neuralode.train", *RECIPE, f"trainer.epochs={epochs}", *overrides,
-           f"data_dir={data_dir}", f"hydra.run.dir={run_dir}"]
+           f"data_dir={data_dir}", f"hydra.run.dir={run_dir}", f"seed={seed}"]
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[3:])}", flush=True)
     subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     return per_epoch(run_dir)
 
 
-def torchdiffeq_reference(data_dir: Path, epochs: int = 3) -> list[dict]:
+def torchdiffeq_reference(data_dir: Path, epochs: int = 3, seed: int = 0) -> list[dict]:
     """The same ODE-Net and recipe with torchdiffeq's odeint_adjoint."""
     import torch
     import torch.nn.functional as F
@@ -80,13 +80,13 @@ def torchdiffeq_reference(data_dir: Path, epochs: int = 3) -> list[dict]:
     def tdq_forward(self, x):
         return torchdiffeq.odeint_adjoint(self.func, x, self.t, rtol=1e-3, atol=1e-3, method="dopri5")[-1]
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = odenet(1, 10, SolverSettings())
     block = next(m for m in model.modules() if isinstance(m, ODEBlock))
     block.func = Counted(block.func)
     block.forward = tdq_forward.__get__(block)
     train, test = image_datasets("mnist", data_dir, [0.1307], [0.3081], download=False)
-    sampler = EpochSampler(len(train), 0)
+    sampler = EpochSampler(len(train), seed)
     loader, test_loader = DataLoader(train, 128, sampler=sampler), DataLoader(test, 500)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     rows = []
@@ -114,6 +114,39 @@ def torchdiffeq_reference(data_dir: Path, epochs: int = 3) -> list[dict]:
     return rows
 
 
+def gradient_error(data_dir: Path, tol: float = 1e-3) -> None:
+    """Relative error of each library's parameter gradient at ``tol`` on the first batch at
+    initialisation, against our direct gradient at rtol=atol=1e-7."""
+    import torch
+    import torch.nn.functional as F
+    import torchdiffeq
+
+    from neuralode.data import image_datasets
+    from neuralode.models import odenet
+    from neuralode.models.odeblock import ODEBlock, SolverSettings
+
+    train, _ = image_datasets("mnist", data_dir, [0.1307], [0.3081], download=False)
+    x = torch.stack([train[i][0] for i in range(128)])
+    y = torch.tensor([train[i][1] for i in range(128)])
+
+    def grad(settings: SolverSettings, torchdiffeq_tol: float | None = None) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = odenet(1, 10, settings)
+        if torchdiffeq_tol is not None:
+            block = next(m for m in model.modules() if isinstance(m, ODEBlock))
+            block.forward = lambda h: torchdiffeq.odeint_adjoint(
+                block.func, h, torch.tensor([0.0, 1.0]), rtol=torchdiffeq_tol, atol=torchdiffeq_tol)[-1]
+        g = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+        return torch.cat([p.flatten() for p in g]).double()
+
+    ref = grad(SolverSettings(rtol=1e-7, atol=1e-7, grad="direct"))
+    cases = {f"ours {m}": grad(SolverSettings(rtol=tol, atol=tol, grad=m)) for m in ("adjoint", "checkpoint")}
+    cases["torchdiffeq adjoint"] = grad(SolverSettings(), tol)
+    for name, g in cases.items():
+        cos = torch.dot(g, ref) / (g.norm() * ref.norm())
+        print(f"{name:22s} at {tol:g}: relative error {(g - ref).norm() / ref.norm():.3f}, cosine {cos:.4f}")
+
+
 def table(results: dict[str, list[dict]]) -> str:
     lines = ["| run | epoch | s/iter | NFE fwd | NFE bwd | test acc |", "|---|---|---|---|---|---|"]
     for name, rows in results.items():
@@ -130,13 +163,18 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--reference", action="store_true", help="also time torchdiffeq (needs the bench extra)")
+    parser.add_argument("--seed", type=int, default=0, help="model init and data order, for both libraries")
+    parser.add_argument("--gradient-error", action="store_true",
+                        help="only compare adjoint gradient errors of both libraries (needs the bench extra)")
     args = parser.parse_args()
+    if args.gradient_error:
+        return gradient_error(args.data_dir.resolve())
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
     if args.reference:
-        results["torchdiffeq-adjoint"] = torchdiffeq_reference(args.data_dir.resolve(), args.epochs)
+        results["torchdiffeq-adjoint"] = torchdiffeq_reference(args.data_dir.resolve(), args.epochs, args.seed)
     for name in args.runs:
-        results[name] = run_job(name, RUNS[name], args.data_dir.resolve(), args.out, args.epochs)
+        results[name] = run_job(name, RUNS[name], args.data_dir.resolve(), args.out, args.epochs, args.seed)
         (args.out / "bench.json").write_text(json.dumps(results, indent=2))
         print(table({name: results[name]}), flush=True)
     (args.out / "bench.md").write_text(table(results) + "\n")

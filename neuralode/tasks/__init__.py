@@ -27,6 +27,20 @@ class Task:
     #: DataLoader collate function; None means PyTorch's default (tuples of tensors).
     collate_fn: Callable[[list], Any] | None = None
 
+    _net: nn.Module | None = None
+
+    @property
+    def net(self) -> nn.Module:
+        """What ``loss`` calls for the forward pass. In training mode under torchrun this is
+        the DistributedDataParallel wrapper ``train.py`` puts around ``model`` (only a call
+        through it syncs gradients); otherwise, evaluation included, ``model`` itself, so
+        ranks may evaluate different numbers of batches. Everything else uses ``model``."""
+        return self._net if self._net is not None and self.model.training else self.model
+
+    @net.setter
+    def net(self, module: nn.Module) -> None:
+        self._net = module
+
     def datasets(self) -> tuple[Dataset, Dataset]:
         raise NotImplementedError
 

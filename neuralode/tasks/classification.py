@@ -31,7 +31,7 @@ class ImageClassification(Task):
 
     def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         x, y = batch
-        logits = self.model(x)
+        logits = self.net(x)
         loss = F.cross_entropy(logits, y)
         acc = (logits.argmax(1) == y).float().mean().item()
         return loss, {"acc": acc}

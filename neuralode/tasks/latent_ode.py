@@ -79,7 +79,7 @@ class LatentTimeSeries(Task):
 
     # -- loss and metrics ------------------------------------------------------
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        out = self.model(batch)
+        out = self.net(batch)
         pred, x = out["pred"], batch["values"]
         n_obs = batch["obs"].sum().clamp_min(1.0)
         nll = gaussian_nll(pred, x, batch["obs"], self.cfg.model.obs_std)
