@@ -161,6 +161,23 @@ def test_kinetic_energy_falls_with_large_weight():
     assert img.shape[0] == 3 and img.shape[1] == 16 and img.min() >= 0 and img.max() <= 1
 
 
+def test_regulariser_integrals_do_not_set_the_step_size():
+    """With the exact trace, (z, Δlogp) follow the same ODE with or without the RNODE
+    integrals, so the flow norm must give the same steps, results and NFE."""
+    from neuralode import record_stats
+
+    torch.manual_seed(0)
+    model = cnf_2d(SolverSettings(rtol=1e-6, atol=1e-6, grad="direct"), hidden=(16, 16), regularise=True).double()
+    x = sample_toy("8gaussians", 64, 0).double()
+    with torch.no_grad():
+        with record_stats() as plain:
+            lp0, _, _ = model.log_prob(x, with_regularisers=False)
+        with record_stats() as regularised:
+            lp1, kin, _ = model.log_prob(x, with_regularisers=True)
+    assert regularised.nfe_forward == plain.nfe_forward
+    assert torch.equal(lp0, lp1) and (kin > 0).all()
+
+
 def test_dequantize_logit_logdet_and_bits_per_dim():
     x = torch.randint(0, 256, (3, 1, 2, 2)).double() / 255
     g = torch.Generator().manual_seed(0)

@@ -180,13 +180,26 @@ class CNFBlock(ODEBlock):
                 self.func.noise = draw_noise(z, self.noise_kind)
             ends = [0.0, self.time_length][::-1 if reverse else 1]
             t = torch.tensor(ends, dtype=z.dtype, device=z.device)
-            out = odeint(self.func, state, t, **self.solver.odeint_kwargs())
+            kwargs = self.solver.odeint_kwargs()
+            if regularise and "norm" not in (kwargs["options"] or {}):
+                kwargs["options"] = {**(kwargs["options"] or {}), "norm": flow_norm}
+            out = odeint(self.func, state, t, **kwargs)
         finally:
             self.func.regularise = saved
         final = [o[-1] for o in out]
         if not regularise:
             final += [zeros, zeros]
         return tuple(final)  # type: ignore[return-value]
+
+
+def flow_norm(scaled_error: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """RMS of the scaled error of (z, Δlogp) alone. The regulariser integrals are penalties,
+    not part of the flow, so they do not shrink the step size (the seminorm argument of
+    Kidger et al. 2021); they are still integrated on the same steps to the method's order.
+    Without it the integral of ‖f‖², which varies fastest, sets the steps, and RNODE's
+    training solves cost ~40% more NFE than its plain forward solves at the same tolerance."""
+    z, delta_logp = scaled_error[0], scaled_error[1]
+    return torch.sqrt((z.pow(2).sum() + delta_logp.pow(2).sum()) / (z.numel() + delta_logp.numel()))
 
 
 def standard_normal_logprob(z: torch.Tensor) -> torch.Tensor:
