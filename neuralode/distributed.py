@@ -87,10 +87,6 @@ class Distributed:
         dist.all_gather_object(out, obj)
         return out
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank when it is true on one: ranks must stop at the same iteration."""
-        return any(self.gather(bool(flag)))
-
 
 def mean_over(dicts: Sequence[dict[str, float]]) -> dict[str, float]:
     """Per-key mean over the ranks that report the key (ranks hold equal shares of the batch)."""

@@ -57,14 +57,12 @@ def run_job(name: str, overrides: list[str], data_dir: Path, out: Path, epochs: 
     return per_epoch(run_dir)
 
 
-def torchdiffeq_reference(data_dir: Path, epochs: int = 3, seed: int = 0) -> list[dict]:
-    """The same ODE-Net and recipe with torchdiffeq's odeint_adjoint."""
+def torchdiffeq_odenet(seed: int, tol: float = 1e-3):
+    """Our ODE-Net (same init for the same seed) with its block solved by torchdiffeq's
+    odeint_adjoint (dopri5, rtol=atol=tol); ``block.func.nfe`` counts evaluations."""
     import torch
-    import torch.nn.functional as F
     import torchdiffeq
-    from torch.utils.data import DataLoader
 
-    from neuralode.data import EpochSampler, image_datasets
     from neuralode.models import odenet
     from neuralode.models.odeblock import ODEBlock, SolverSettings
 
@@ -78,13 +76,25 @@ def torchdiffeq_reference(data_dir: Path, epochs: int = 3, seed: int = 0) -> lis
             return self.f(t, x)
 
     def tdq_forward(self, x):
-        return torchdiffeq.odeint_adjoint(self.func, x, self.t, rtol=1e-3, atol=1e-3, method="dopri5")[-1]
+        return torchdiffeq.odeint_adjoint(self.func, x, self.t, rtol=tol, atol=tol, method="dopri5")[-1]
 
     torch.manual_seed(seed)
     model = odenet(1, 10, SolverSettings())
     block = next(m for m in model.modules() if isinstance(m, ODEBlock))
     block.func = Counted(block.func)
     block.forward = tdq_forward.__get__(block)
+    return model, block
+
+
+def torchdiffeq_reference(data_dir: Path, epochs: int = 3, seed: int = 0) -> list[dict]:
+    """The same ODE-Net and recipe with torchdiffeq's odeint_adjoint."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from neuralode.data import EpochSampler, image_datasets
+
+    model, block = torchdiffeq_odenet(seed)
     train, test = image_datasets("mnist", data_dir, [0.1307], [0.3081], download=False)
     sampler = EpochSampler(len(train), seed)
     loader, test_loader = DataLoader(train, 128, sampler=sampler), DataLoader(test, 500)
@@ -119,29 +129,26 @@ def gradient_error(data_dir: Path, tol: float = 1e-3) -> None:
     initialisation, against our direct gradient at rtol=atol=1e-7."""
     import torch
     import torch.nn.functional as F
-    import torchdiffeq
 
     from neuralode.data import image_datasets
     from neuralode.models import odenet
-    from neuralode.models.odeblock import ODEBlock, SolverSettings
+    from neuralode.models.odeblock import SolverSettings
 
     train, _ = image_datasets("mnist", data_dir, [0.1307], [0.3081], download=False)
     x = torch.stack([train[i][0] for i in range(128)])
     y = torch.tensor([train[i][1] for i in range(128)])
 
-    def grad(settings: SolverSettings, torchdiffeq_tol: float | None = None) -> torch.Tensor:
-        torch.manual_seed(0)
-        model = odenet(1, 10, settings)
-        if torchdiffeq_tol is not None:
-            block = next(m for m in model.modules() if isinstance(m, ODEBlock))
-            block.forward = lambda h: torchdiffeq.odeint_adjoint(
-                block.func, h, torch.tensor([0.0, 1.0]), rtol=torchdiffeq_tol, atol=torchdiffeq_tol)[-1]
+    def grad(model: torch.nn.Module) -> torch.Tensor:
         g = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
         return torch.cat([p.flatten() for p in g]).double()
 
-    ref = grad(SolverSettings(rtol=1e-7, atol=1e-7, grad="direct"))
-    cases = {f"ours {m}": grad(SolverSettings(rtol=tol, atol=tol, grad=m)) for m in ("adjoint", "checkpoint")}
-    cases["torchdiffeq adjoint"] = grad(SolverSettings(), tol)
+    def ours(settings: SolverSettings) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return odenet(1, 10, settings)
+
+    ref = grad(ours(SolverSettings(rtol=1e-7, atol=1e-7, grad="direct")))
+    cases = {f"ours {m}": grad(ours(SolverSettings(rtol=tol, atol=tol, grad=m))) for m in ("adjoint", "checkpoint")}
+    cases["torchdiffeq adjoint"] = grad(torchdiffeq_odenet(0, tol)[0])
     for name, g in cases.items():
         cos = torch.dot(g, ref) / (g.norm() * ref.norm())
         print(f"{name:22s} at {tol:g}: relative error {(g - ref).norm() / ref.norm():.3f}, cosine {cos:.4f}")
