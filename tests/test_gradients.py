@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from neuralode import SolverError, odeint, odeint_adjoint, record_stats
+from neuralode import Checkpoint, SolverError, odeint, odeint_adjoint, record_stats
 
 from solver_problems import TanhMLP, lorenz
 
@@ -116,7 +116,7 @@ def test_checkpoint_every_k_steps_agrees(every):
     y0 = torch.randn(3, 2, generator=torch.Generator().manual_seed(4), dtype=F64)
     t = torch.linspace(0, 2, 5, dtype=F64)
     direct, _ = _loss_grads("direct", func, y0, t, tol=1e-9)
-    ckpt, stats = _loss_grads("checkpoint", func, y0, t, options=dict(checkpoint_every=every), tol=1e-9)
+    ckpt, stats = _loss_grads(Checkpoint(every=every), func, y0, t, tol=1e-9)
     assert _rel(ckpt, direct) < 1e-12
     assert stats.n_accepted > 2 * every  # several segments
 
@@ -125,9 +125,9 @@ def test_checkpoint_every_with_decreasing_time_and_jump():
     func = TanhMLP(dim=2, hidden=4)
     y0 = torch.randn(2, generator=torch.Generator().manual_seed(5), dtype=F64)
     t = torch.tensor([1.0, 0.3, -0.5], dtype=F64)
-    opts = dict(checkpoint_every=3, jump_t=[0.0])
+    opts = dict(jump_t=[0.0])
     direct, _ = _loss_grads("direct", func, y0, t, options=opts, tol=1e-9)
-    ckpt, _ = _loss_grads("checkpoint", func, y0, t, options=opts, tol=1e-9)
+    ckpt, _ = _loss_grads(Checkpoint(every=3), func, y0, t, options=opts, tol=1e-9)
     assert _rel(ckpt, direct) < 1e-12
 
 
@@ -229,7 +229,7 @@ def test_lorenz_checkpoint_gradient_matches_direct():
     """T = 20 (~1800 dopri5 steps): the gradient has grown to ~1e3 and checkpointing still
     reproduces direct backprop (the measured difference is exactly zero)."""
     direct = _lorenz_vjp("direct", 20.0)
-    ckpt = _lorenz_vjp("checkpoint", 20.0, options=dict(checkpoint_every=4))
+    ckpt = _lorenz_vjp(Checkpoint(every=4), 20.0)
     assert direct.norm() > 100  # chaotic: sensitivities have grown by orders of magnitude
     assert _rel(ckpt, direct) < 1e-4
 

@@ -36,12 +36,13 @@ CONV_N = {1: [100, 200, 400], 2: [24, 48, 96], 3: [32, 64, 128], 4: [32, 64, 128
 DENSE_T = [0.0, 0.37, math.pi / 2, 2.71, T_CONV - 0.03]
 
 
-def _fixed_step_errors(method, ts):
+def _fixed_step_errors(method, ts, **options):
     prob = Cycle()
     ns = CONV_N[ORDERS[method]]
     errs = []
     for n in ns:
-        y = odeint(prob, prob.y0(), torch.tensor(ts, dtype=F64), method=method, options=dict(step_size=T_CONV / n))
+        y = odeint(prob, prob.y0(), torch.tensor(ts, dtype=F64), method=method,
+                   options=dict(step_size=T_CONV / n, **options))
         errs.append(np.abs(y.numpy() - prob.exact(ts)).max())
     return [T_CONV / n for n in ns], errs
 
@@ -56,9 +57,15 @@ def test_convergence_order(method):
 
 @pytest.mark.parametrize("method", list(ORDERS))
 def test_dense_output_converges(method):
-    hs, errs = _fixed_step_errors(method, DENSE_T)
+    """Adaptive methods use their own dense output even at a fixed step; fixed-step methods
+    interpolate like torchdiffeq: linearly by default (order 2), cubic Hermite with interp="cubic"."""
+    options = {} if method in ADAPTIVE else dict(interp="cubic")
+    hs, errs = _fixed_step_errors(method, DENSE_T, **options)
     order = empirical_order(hs, errs)
     assert order >= min(ORDERS[method], 4) - 0.3, f"{method}: dense-output order {order:.2f}, errors {errs}"
+    if method in FIXED and ORDERS[method] >= 2:
+        hs, errs = _fixed_step_errors(method, DENSE_T)
+        assert abs(empirical_order(hs, errs) - 2) <= 0.3, f"{method}: linear interpolation should be order 2"
 
 
 @pytest.mark.parametrize("method", ["bosh3", "dopri5", "tsit5", "dopri8"])
@@ -186,9 +193,12 @@ def test_tuple_state_matches_flat_state(method):
 
     x0, v0 = torch.tensor([1.0, 0.5], dtype=F64), torch.tensor([[0.0], [1.0]], dtype=F64)
     ts = torch.linspace(0, 1, 5, dtype=F64)
-    opts = dict(step_size=0.01) if method == "rk4" else None
+    opts = dict(step_size=0.01) if method == "rk4" else {}
     xs, vs = odeint(f_tuple, (x0, v0), ts, method=method, options=opts)
-    flat = odeint(f_flat, torch.cat([x0, v0.reshape(-1)]), ts, method=method, options=opts)
+    # a tuple state's default norm is torchdiffeq's: the max over its tensors of their RMS norms
+    rms = lambda r: r.pow(2).mean().sqrt()
+    flat_norm = dict(norm=lambda r: torch.maximum(rms(r[:2]), rms(r[2:]))) if method != "rk4" else {}
+    flat = odeint(f_flat, torch.cat([x0, v0.reshape(-1)]), ts, method=method, options={**opts, **flat_norm})
     assert xs.shape == (5, 2) and vs.shape == (5, 2, 1)
     torch.testing.assert_close(xs, flat[:, :2], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(vs.reshape(5, 2), flat[:, 2:], rtol=1e-12, atol=1e-12)
@@ -229,7 +239,7 @@ def test_dtypes_and_batch_shapes(dtype, method):
     k = torch.linspace(0.5, 2.0, 24, dtype=dtype).reshape(2, 3, 4)
     y0 = torch.ones(2, 3, 4, dtype=dtype)
     ts = torch.linspace(0, 1, 4, dtype=dtype)
-    opts = dict(step_size=0.01) if method == "rk4" else None
+    opts = dict(step_size=0.01, interp="cubic") if method == "rk4" else None
     tol = 1e-5 if dtype == torch.float32 else 1e-9
     y = odeint(lambda t, y: -k * y, y0, ts, rtol=tol, atol=tol, method=method, options=opts)
     assert y.shape == (4, 2, 3, 4) and y.dtype == dtype
@@ -255,7 +265,7 @@ def test_time_dtype_option():
         seen.add(t.dtype)
         return -y
 
-    y = odeint(f, torch.ones(2), torch.tensor([0.0, 1.0]), options=dict(time_dtype=torch.float64))
+    y = odeint(f, torch.ones(2), torch.tensor([0.0, 1.0]), options=dict(dtype=torch.float64))
     assert seen == {torch.float64} and y.dtype == torch.float32
     assert abs(y[-1, 0].item() - math.exp(-1)) < 1e-5
 

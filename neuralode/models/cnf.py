@@ -13,7 +13,7 @@ integrand reuses the same products: exact with the exact trace, ‖εᵀ∂f/∂
 Sampling integrates z from the base distribution backwards in time, from T to 0.
 
 Plain ``nn.Module`` models taking ordinary arguments; the solver settings come as a
-:class:`~neuralode.models.odeblock.SolverSettings`.
+:class:`~neuralode.solvers.SolverSettings`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neuralode.models.odeblock import ODEBlock, SolverSettings
+from neuralode.solvers import SolverSettings
 
 
 class Trace(str, Enum):
@@ -98,16 +98,17 @@ def conv_field(channels: int, hidden: Sequence[int], activation: str = "softplus
 
 
 # -- the augmented dynamics -------------------------------------------------------------------
-class CNFDynamics(nn.Module):
-    """``func(t, (z, Δlogp[, E, J]))`` for the solver. Set :attr:`noise` before each solve
-    when using the Hutchinson estimator (:meth:`CNFBlock.forward` does)."""
+class CNFField(nn.Module):
+    """``func(t, (z, Δlogp[, E, J]))`` for one solve. Everything the field reads besides the
+    network (trace estimator, Hutchinson noise, whether to integrate the regularisers) is fixed
+    when it is made, once per solve, so an adjoint or checkpoint backward pass that runs later
+    sees exactly what the forward pass saw, however the model was used in between."""
 
-    def __init__(self, net: nn.Module, trace: Trace | str = Trace.exact, regularise: bool = False):
+    def __init__(self, net: nn.Module, trace: Trace, noise: torch.Tensor | None, regularise: bool):
         super().__init__()
-        self.net = net
-        self.trace = Trace(trace)
-        self.regularise = regularise
-        self.noise: torch.Tensor | None = None
+        if trace is Trace.hutchinson and noise is None:
+            raise ValueError("the Hutchinson trace needs the solve's noise")
+        self.net, self.trace, self.noise, self.regularise = net, trace, noise, regularise
 
     def forward(self, t: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         z = state[0]
@@ -140,8 +141,6 @@ class CNFDynamics(nn.Module):
                     frob = frob + row.pow(2).sum(1)
             return div, frob
         e = self.noise
-        if e is None or e.shape != z.shape:
-            raise RuntimeError("Hutchinson trace: noise not set for this solve (call CNFBlock.forward)")
         e_j = torch.autograd.grad(f, z, e, create_graph=graph, retain_graph=True)[0]
         div = (e_j * e).flatten(1).sum(1)
         frob = e_j.pow(2).flatten(1).sum(1) if self.regularise else div
@@ -154,38 +153,32 @@ def draw_noise(like: torch.Tensor, kind: Noise | str) -> torch.Tensor:
     return torch.randint(0, 2, like.shape, device=like.device).to(like.dtype) * 2 - 1
 
 
-class CNFBlock(ODEBlock):
-    """One flow step: integrates the dynamics over [0, T]. An :class:`ODEBlock`, so
-    ``solver_overrides`` (test-time tolerances) applies to it."""
+class CNFBlock(nn.Module):
+    """One flow step: integrates the dynamics of ``net`` over [0, T]. ``trace`` and ``regularise``
+    are the block's configuration; each call turns them (and fresh Hutchinson noise) into the
+    :class:`CNFField` its solve captures."""
 
     def __init__(self, net: nn.Module, solver: SolverSettings, trace: Trace | str = Trace.exact,
                  noise: Noise | str = Noise.gaussian, time_length: float = 1.0, regularise: bool = False):
-        super().__init__(CNFDynamics(net, trace, regularise), solver)
-        self.noise_kind = Noise(noise)
-        self.time_length = time_length
+        super().__init__()
+        self.net, self.solver = net, solver
+        self.trace, self.noise_kind = Trace(trace), Noise(noise)
+        self.time_length, self.regularise = time_length, regularise
 
     def forward(self, z: torch.Tensor, reverse: bool = False, with_regularisers: bool | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return ``(z(T), Δlogp, E_kin, J_frob)``; with ``reverse`` integrate from T to 0
         (Δlogp is then the change going backwards, i.e. log p_x(x) = log p_T(z) - Δlogp)."""
-        from neuralode import odeint
-
-        regularise = self.func.regularise if with_regularisers is None else with_regularisers
-        saved = self.func.regularise
-        self.func.regularise = regularise
-        try:
-            zeros = z.new_zeros(z.shape[0])
-            state = (z, zeros) + ((zeros, zeros) if regularise else ())
-            if self.func.trace is Trace.hutchinson:
-                self.func.noise = draw_noise(z, self.noise_kind)
-            ends = [0.0, self.time_length][::-1 if reverse else 1]
-            t = torch.tensor(ends, dtype=z.dtype, device=z.device)
-            kwargs = self.solver.odeint_kwargs()
-            if regularise and "norm" not in (kwargs["options"] or {}):
-                kwargs["options"] = {**(kwargs["options"] or {}), "norm": flow_norm}
-            out = odeint(self.func, state, t, **kwargs)
-        finally:
-            self.func.regularise = saved
+        regularise = self.regularise if with_regularisers is None else with_regularisers
+        noise = draw_noise(z, self.noise_kind) if self.trace is Trace.hutchinson else None
+        field = CNFField(self.net, self.trace, noise, regularise)
+        zeros = z.new_zeros(z.shape[0])
+        state = (z, zeros) + ((zeros, zeros) if regularise else ())
+        t = torch.tensor([0.0, self.time_length][::-1 if reverse else 1], dtype=z.dtype, device=z.device)
+        solver = self.solver
+        if solver.parsed.norm is None:  # the same steps with and without the regulariser integrals
+            solver = solver.replace(norm=flow_norm)
+        out = solver.odeint(field, state, t)
         final = [o[-1] for o in out]
         if not regularise:
             final += [zeros, zeros]
@@ -221,11 +214,11 @@ class CNF(nn.Module):
 
     def set_trace(self, trace: Trace | str) -> None:
         for b in self.blocks:
-            b.func.trace = Trace(trace)
+            b.trace = Trace(trace)
 
     @property
     def trace(self) -> Trace:
-        return self.blocks[0].func.trace
+        return self.blocks[0].trace
 
     def forward(self, x: torch.Tensor, with_regularisers: bool | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from neuralode.models.odeblock import SolverSettings
+from neuralode.solvers import SolverSettings
 
 
 def mlp(n_in: int, n_hidden: int, n_out: int, layers: int = 1, act: type = nn.Tanh) -> nn.Sequential:
@@ -44,12 +44,6 @@ class ODEFunc(nn.Module):
 
     def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.net(y)
-
-
-def _solve(func: nn.Module, y0: torch.Tensor, times: torch.Tensor, solver: SolverSettings) -> torch.Tensor:
-    from neuralode import odeint  # the solver package imports nothing from models
-
-    return odeint(func, y0, times, **solver.odeint_kwargs())
 
 
 class Encoder(nn.Module):
@@ -116,7 +110,7 @@ class Encoder(nn.Module):
             return h
         func = _Scaled(self.ode, gap[:, None])
         s = torch.tensor([0.0, 1.0], dtype=h.dtype, device=h.device)
-        return _solve(func, h, s, self.solver)[-1]
+        return self.solver.odeint(func, h, s)[-1]
 
 
 class _Scaled(nn.Module):
@@ -147,7 +141,7 @@ class LatentODE(nn.Module):
         grid = torch.cat([t0_, times]) if prepend else times
         if grid.numel() == 1:
             return z0[:, None]
-        z = _solve(self.dynamics, z0, grid, self.solver).transpose(0, 1)
+        z = self.solver.odeint(self.dynamics, z0, grid).transpose(0, 1)
         return z[:, 1:] if prepend else z
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:

@@ -1,55 +1,20 @@
-"""The ODE block shared by every model family: ``h(1) = h(0) + ∫_0^1 f(t, h) dt``.
+"""The ODE block shared by the classifiers, and the one way to change solver settings of a model.
 
-Models receive a :class:`SolverSettings` (plain data, no Hydra) so they can be
-built and tested without the CLI; test-time tolerance changes go through
-:func:`solver_overrides` instead of rebuilding the model.
+Models receive a :class:`~neuralode.solvers.SolverSettings` (plain, validated data, no Hydra) so
+they can be built and tested without the CLI. Every solve a model runs reads its settings when it
+is called, so :func:`solver_overrides` (test-time tolerances) works for any model that holds
+settings, whatever its family, and a backward pass always uses what its forward pass used.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, List, Tuple
 
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class SolverSettings:
-    """Arguments for ``neuralode.odeint`` that stay fixed across calls."""
-
-    method: str = "dopri5"
-    rtol: float = 1e-3
-    atol: float = 1e-3
-    grad: str = "adjoint"  # direct | adjoint | checkpoint
-    seminorm: bool = False
-    step_size: float | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-    adjoint_rtol: float | None = None
-    adjoint_atol: float | None = None
-    adjoint_method: str | None = None
-    adjoint_options: dict[str, Any] = field(default_factory=dict)
-
-    def odeint_kwargs(self) -> dict[str, Any]:
-        options = dict(self.options)
-        if self.step_size is not None:
-            options["step_size"] = self.step_size
-        adjoint_options = dict(self.adjoint_options)
-        if self.seminorm:
-            adjoint_options["norm"] = "seminorm"
-        kwargs: dict[str, Any] = dict(
-            rtol=self.rtol, atol=self.atol, method=self.method, options=options or None, grad=self.grad
-        )
-        if self.grad != "direct":
-            kwargs.update(
-                adjoint_rtol=self.adjoint_rtol,
-                adjoint_atol=self.adjoint_atol,
-                adjoint_method=self.adjoint_method,
-                adjoint_options=adjoint_options or None,
-            )
-        return kwargs
+from neuralode.solvers import SolverSettings
 
 
 class ODEBlock(nn.Module):
@@ -62,20 +27,29 @@ class ODEBlock(nn.Module):
         self.register_buffer("t", torch.tensor([0.0, 1.0]), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from neuralode import odeint  # the solver package imports nothing from models
+        return self.solver.odeint(self.func, x, self.t.to(x.dtype))[-1]
 
-        return odeint(self.func, x, self.t.to(x.dtype), **self.solver.odeint_kwargs())[-1]
+
+def _holders(model: nn.Module) -> List[Tuple[nn.Module, str]]:
+    """(module, attribute) for every SolverSettings held by a submodule of ``model``."""
+    return [(m, name) for m in model.modules() for name, v in vars(m).items() if isinstance(v, SolverSettings)]
+
+
+def uses_solver(model: nn.Module) -> bool:
+    """Whether any part of ``model`` solves an ODE (holds solver settings)."""
+    return bool(_holders(model))
 
 
 @contextlib.contextmanager
 def solver_overrides(model: nn.Module, **changes: Any) -> Iterator[None]:
-    """Temporarily change solver settings (e.g. ``rtol``) of every ODE block in ``model``."""
-    blocks = [m for m in model.modules() if isinstance(m, ODEBlock)]
-    saved = [b.solver for b in blocks]
-    for b in blocks:
-        b.solver = dataclasses.replace(b.solver, **changes)
+    """Temporarily change the solver settings held anywhere in ``model`` (any family, any depth):
+    ``rtol``/``atol``/``method``/``grad`` or option names such as ``step_size``."""
+    holders = _holders(model)
+    saved = [getattr(m, name) for m, name in holders]
+    for (m, name), s in zip(holders, saved):
+        setattr(m, name, s.replace(**changes))
     try:
         yield
     finally:
-        for b, s in zip(blocks, saved):
-            b.solver = s
+        for (m, name), s in zip(holders, saved):
+            setattr(m, name, s)

@@ -11,7 +11,8 @@ import math
 import torch
 from torch import nn
 
-from neuralode.models.odeblock import ODEBlock, SolverSettings
+from neuralode.models.odeblock import ODEBlock
+from neuralode.solvers import SolverSettings
 
 
 def norm(channels: int) -> nn.GroupNorm:

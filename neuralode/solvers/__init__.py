@@ -1,11 +1,15 @@
-"""Differentiable ODE solvers: explicit Runge-Kutta methods, dense output, three gradient modes."""
-from .errors import MaxStepsError, NonFiniteError, SolverError, StepSizeUnderflowError
+"""Differentiable ODE solvers: explicit and implicit Runge-Kutta methods, dense output, three gradient modes."""
+from .errors import (MaxStepsError, NonFiniteError, SolverError, StepSizeUnderflowError, StiffnessError,
+                     ToleranceError)
 from .events import odeint_event
-from .odeint import GRAD_MODES, odeint, odeint_adjoint
+from .methods import METHODS, get_method
+from .odeint import odeint, odeint_adjoint
+from .settings import GRAD_MODES, Adjoint, Checkpoint, Direct, SolverSettings
 from .stats import SolveStats, StatsRecorder, record_stats
-from .methods import METHODS
 from .tableau import TABLEAUS, ButcherTableau
+
 __all__ = [
-    "odeint", "odeint_adjoint", "odeint_event", "record_stats", "SolveStats", "StatsRecorder", "SolverError",
-    "StepSizeUnderflowError", "MaxStepsError", "NonFiniteError", "ButcherTableau", "TABLEAUS", "METHODS", "GRAD_MODES",
+    "odeint", "odeint_adjoint", "odeint_event", "SolverSettings", "Direct", "Adjoint", "Checkpoint", "record_stats",
+    "SolveStats", "StatsRecorder", "SolverError", "StepSizeUnderflowError", "MaxStepsError", "NonFiniteError",
+    "StiffnessError", "ToleranceError", "ButcherTableau", "TABLEAUS", "METHODS", "GRAD_MODES", "get_method",
 ]

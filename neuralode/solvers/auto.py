@@ -2,119 +2,89 @@
 
 Stiffness test (Hairer & Wanner, II.15 / DOPRI5's ``nstiff``): for dopri5 the last two stages are
 both evaluated at t + h, so ||k7 - k6|| / ||y7 - y6|| estimates the dominant eigenvalue |lambda|
-of df/dy along the step. When h*|lambda| exceeds 3.25 (the edge of dopri5's stability region on
-the negative axis) the step size is limited by stability, not accuracy. After ``STIFF_COUNT``
-such attempted steps without ``RESET_COUNT`` non-stiff ones in between, the method switches to
-kvaerno5 for the rest of the solve (once: there is no switch back, unlike LSODA). The switch is
-logged on the "neuralode.solvers" logger and counted in ``SolveStats.n_switches`` /
-``switched_at``. Every step is tagged with the sub-method that took it, so checkpoint replay
-re-runs each step with the same method; the adjoint's backward solve runs its own "auto".
+of df/dy along the step. When h*|lambda| exceeds the edge of dopri5's stability region on the
+negative axis (about 3.3) the step size is limited by stability, not accuracy. After 15 such
+estimates without 6 non-stiff ones in between, the solve switches to kvaerno5 for good (there is
+no switch back, unlike LSODA). The switch is logged on the "neuralode.solvers" logger and counted
+in ``SolveStats.n_switches`` / ``switched_at``.
+
+The switch state lives in the solve's :class:`AutoStepper` (``AutoSwitch.start``), never on the
+method. Every step is tagged with the sub-method that took it, so checkpoint replay re-runs each
+step with the same method; the adjoint's backward solve runs its own "auto".
 """
 from __future__ import annotations
 
 import logging
 import math
-import weakref
 
 import torch
 
-from .implicit import ESDIRK, ImplicitStep
-from .rk import ExplicitRK, Step, combine
+from .implicit import ESDIRK
+from .rk import ExplicitRK, Step
+from .settings import ADAPTIVE_OPTIONS, IMPLICIT_OPTIONS
 
 logger = logging.getLogger("neuralode.solvers")
 
-STIFF_LIMIT = 3.25
-STIFF_COUNT = 15
-RESET_COUNT = 6
-
-
-class _TaggedStep(Step):
-    __slots__ = ("tag",)
-
-
-class _AutoState:
-    def __init__(self, stats=None):
-        self.stiff = False
-        self.n_stiff = 0
-        self.n_nonstiff = 0
-        self.stats = stats
-
 
 class AutoSwitch:
+    kind = "auto"
     name = "auto"
     adaptive = True
     fsal = True
+    supports_adjoint_solve = True
+    supports_backward_modes = True
+    multistep = False
+    option_names = ADAPTIVE_OPTIONS | IMPLICIT_OPTIONS | {"step_size"}
 
     def __init__(self, explicit: ExplicitRK, implicit: ESDIRK):
-        if explicit.tableau.name != "dopri5":
-            raise ValueError("the stiffness estimate is written for dopri5's stages")
+        if explicit.stiff_stage is None:
+            raise ValueError("the stiffness estimate needs two stages at t + h")
         self.explicit, self.implicit = explicit, implicit
         self.order = explicit.order
         self.controller_order = explicit.controller_order
         assert implicit.controller_order == self.controller_order
-        self._states: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
-    def bind(self, prob) -> None:
-        self.implicit.bind(prob)
-        try:
-            self._states[prob.func] = _AutoState(prob.stats)
-        except TypeError:
-            pass
+    def start(self, prob) -> "AutoStepper":
+        return AutoStepper(self, prob)
 
-    def _state(self, func) -> _AutoState:
-        try:
-            st = self._states.get(func)
-            if st is None:
-                st = self._states[func] = _AutoState()
-            return st
-        except TypeError:
-            return _AutoState()
 
-    def step(self, func, t: float, h: float, y: torch.Tensor, f0: torch.Tensor, tag=None):
-        st = self._state(func)
-        use_implicit = st.stiff if tag is None else tag == "i"
-        if use_implicit:
-            s = self.implicit.step(func, t, h, y, f0)  # an ImplicitStep: dispatched on by its type
-            s.tag = "i"  # recorded in the checkpoint trace, so replay re-runs this step implicitly
-            return s
-        s = self.explicit.step(func, t, h, y, f0)
-        out = _TaggedStep(s.t, s.h, s.y, s.y1, s.ks, s.f1)
-        out.tag = "e"
-        if tag is None:
-            self._detect(st, func, out, t, h)
-        return out
+class AutoStepper:
+    """One solve's explicit and implicit steppers and which of them is in charge."""
 
-    def _detect(self, st: _AutoState, func, s: Step, t: float, h: float) -> None:
-        tab = self.explicit.tableau
-        with torch.no_grad():
-            y6 = combine(s.y.detach(), h, tab.a[4], [k.detach() for k in s.ks[:6]])  # stage 6, at t + h
-            num = torch.linalg.vector_norm(s.ks[6].detach() - s.ks[5].detach())
-            den = torch.linalg.vector_norm(s.y1.detach() - y6)
-            num, den = torch.stack([num, den]).tolist()
-        if den <= 0.0 or not math.isfinite(num):
+    def __init__(self, method: AutoSwitch, prob):
+        self.method = method
+        self.order, self.controller_order, self.fsal = method.order, method.controller_order, True
+        self.explicit = method.explicit.start(prob, watch=True)
+        self.implicit = method.implicit.start(prob)
+        self.stats = prob.stats
+        self.stiff = False
+
+    def _for(self, step: Step):
+        return self.implicit if step.tag == "i" else self.explicit
+
+    def step(self, func, t: float, h: float, y: torch.Tensor, f0: torch.Tensor, tag=None) -> Step:
+        implicit = self.stiff if tag is None else tag == "i"
+        step = (self.implicit if implicit else self.explicit).step(func, t, h, y, f0)
+        step.tag = "i" if implicit else "e"  # recorded in the checkpoint trace, so replay re-runs it alike
+        return step
+
+    def error(self, step: Step, abs_y: torch.Tensor):
+        return self._for(step).error(step, abs_y)
+
+    def accepted(self, step: Step, n_steps: int, t_end: float, max_steps: int) -> None:
+        if step.tag == "i" or not self.explicit.observe():
             return
-        hl = abs(h) * num / den
-        if hl > STIFF_LIMIT:
-            st.n_nonstiff = 0
-            st.n_stiff += 1
-            if st.n_stiff >= STIFF_COUNT:
-                st.stiff = True
-                logger.info("method='auto': stiffness detected at t=%.6g (h*|lambda|=%.3g at h=%.3g); switching %s -> %s",
-                            t, hl, h, self.explicit.name, self.implicit.name)
-                if st.stats is not None:
-                    st.stats.n_switches += 1
-                    if math.isnan(st.stats.switched_at):
-                        st.stats.switched_at = t
-        else:
-            st.n_nonstiff += 1
-            if st.n_nonstiff >= RESET_COUNT:
-                st.n_stiff = 0
+        self.stiff = True
+        t = step.t + step.h
+        logger.info("method='auto': stiffness detected at t=%.6g (h*|lambda|=%.3g at h=%.3g); switching %s -> %s",
+                    t, self.explicit.hl, step.h, self.method.explicit.name, self.method.implicit.name)
+        if self.stats is not None:
+            self.stats.n_switches += 1
+            if math.isnan(self.stats.switched_at):
+                self.stats.switched_at = t
 
-    def error_vectors(self, step):
-        return (self.implicit if isinstance(step, ImplicitStep) else self.explicit).error_vectors(step)
+    def end_derivative(self, func, step: Step):
+        return self._for(step).end_derivative(func, step)
 
-    def end_derivative(self, func, step):
-        return (self.implicit if isinstance(step, ImplicitStep) else self.explicit).end_derivative(func, step)
-
-    def interpolate(self, func, step, t_out):
-        return (self.implicit if isinstance(step, ImplicitStep) else self.explicit).interpolate(func, step, t_out)
+    def interpolate(self, func, step: Step, t_out: float):
+        return self._for(step).interpolate(func, step, t_out)

@@ -10,11 +10,19 @@ class StepSizeUnderflowError(SolverError):
 
 
 class MaxStepsError(SolverError):
-    pass
+    """``max_num_steps`` or ``max_nfe`` was exhausted."""
 
 
 class NonFiniteError(SolverError):
-    pass
+    """NaN or Inf in the state or in what ``func`` returned."""
+
+
+class StiffnessError(SolverError):
+    """An explicit method spent a sustained stretch of steps at its stability limit."""
+
+
+class ToleranceError(SolverError, ValueError):
+    """A tolerance the state's dtype cannot resolve (also a ValueError: it is bad input)."""
 
 
 STIFF_HINT = (

@@ -15,9 +15,13 @@ Why an ESDIRK (Kvaerno's 5(4), Kvaerno 2004, BIT 44:489) rather than a Rosenbroc
   also at c = 1): the error estimate y7 - y6 stays meaningful on stiff components, with no
   Radau-style error filtering. Seven stages, the first explicit (FSAL: k1 = f(t, y)).
 
-Dense output is cubic Hermite from y, y1, f0, f1 (3rd order; the method's own continuous
-extension is not implemented). Note that stage 3 has c = 1.23: f is evaluated slightly beyond
-t + h, as with every Kvaerno5 implementation.
+Note that stage 3 of Kvaerno5 has c = 1.23: f is evaluated slightly beyond t + h, as with every
+Kvaerno5 implementation.
+
+State. The method objects are immutable; ``method.start(problem)`` gives each solve its own
+:class:`ESDIRKStepper` holding the Newton matrix, its age and the carried contraction rate, with the
+solve's tolerances, norm and statistics. Nested solves, threads and the backward passes of other
+solves never see it.
 
 Gradients. The Newton iterations run without a graph. When the step is differentiated (direct
 mode, checkpoint replay) each stage value is re-attached as Y = Y* + M^-1 R(Y*) with the residual
@@ -29,15 +33,15 @@ VJPs of f; GMRES for the matrix-free path). That is the exact derivative of the 
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 
+from .control import rms_norm
 from .linalg import DenseNewtonMatrix, KrylovNewtonMatrix, gmres
-from .integrate import rms_norm
-from .rk import hermite
+from .rk import Step, hermite
+from .settings import ADAPTIVE_OPTIONS, IMPLICIT_OPTIONS
 
 DENSE_MAX = 256  # largest Jacobian block for the dense path under linear_solver="auto"
 KAPPA = 0.01  # Newton stops when the predicted remaining error is below KAPPA (in tolerance units)
@@ -91,29 +95,80 @@ KVAERNO3 = ESDIRKTableau(  # Kvaerno's 4-stage 3(2) pair: L-stable, stiffly accu
 )
 
 
-class ImplicitStep:
-    """An attempted implicit step. ``failed``: Newton did not converge, the loop rejects it."""
-
-    __slots__ = ("t", "h", "y", "y1", "ks", "f1", "err", "failed", "tag")
-
-    def __init__(self, t, h, y, y1, ks, f1, err, failed=False):
-        self.t, self.h, self.y, self.y1, self.ks, self.f1, self.err, self.failed = t, h, y, y1, ks, f1, err, failed
-        self.tag = None
+def _newton_tolerances(dtype: torch.dtype) -> Tuple[float, float]:
+    """(refinement, GMRES) relative tolerances of the backward linear solves, reachable in ``dtype``."""
+    eps = torch.finfo(dtype).eps
+    return max(1e-11, 1e3 * eps), max(1e-12, 1e2 * eps)
 
 
-class _SolveState:
-    """Per-solve Newton state: Newton matrix, its age, the carried convergence rate."""
+class _ImplicitStage(torch.autograd.Function):
+    """Forward: one more simplified-Newton correction M^-1 R. Backward: the exact (I - hg J(Y*))^-T."""
 
-    def __init__(self, prob=None):
-        o = getattr(prob, "opts", None)
-        self.rtol = prob.rtol if prob is not None else 1e-6
-        self.atol = prob.atol if prob is not None else 1e-6
-        self.norm = prob.norm if prob is not None else rms_norm
-        self.stats = prob.stats if prob is not None else None
-        self.linear_solver = getattr(o, "linear_solver", "auto") or "auto"
-        self.batch_jacobian = getattr(o, "batch_jacobian", None)
-        if self.linear_solver not in ("auto", "dense", "gmres"):
-            raise ValueError(f"linear_solver must be 'auto', 'dense' or 'gmres', got {self.linear_solver!r}")
+    @staticmethod
+    def forward(ctx, R, mat, fY, Yr, hg, stepper):
+        ctx.mat = mat.frozen() if isinstance(mat, DenseNewtonMatrix) else mat
+        ctx.fY, ctx.Yr, ctx.hg, ctx.stepper = fY, Yr, hg, stepper
+        return mat.solve(R.detach())
+
+    @staticmethod
+    def backward(ctx, g):
+        mat, fY, Yr, hg, st = ctx.mat, ctx.fY, ctx.Yr, ctx.hg, ctx.stepper
+        none = (None,) * 5
+
+        def op_t(lam):  # (I - hg J)^T lam with one exact VJP
+            with torch.enable_grad():
+                (v,) = torch.autograd.grad(fY, Yr, lam, retain_graph=True, allow_unused=True)
+            return lam if v is None else lam - hg * v
+
+        gn = float(torch.linalg.vector_norm(g))
+        if gn == 0.0:
+            return (torch.zeros_like(g),) + none
+        refine_tol, gmres_tol = _newton_tolerances(g.dtype)
+        if isinstance(mat, DenseNewtonMatrix):
+            lam = mat.solve_transpose(g)
+            for _ in range(6):
+                res = g - op_t(lam)
+                st.count("n_linear_solves")
+                if float(torch.linalg.vector_norm(res)) <= refine_tol * gn:
+                    return (lam,) + none
+                lam = lam + mat.solve_transpose(res)
+            # slow refinement (stale J): finish with preconditioned GMRES
+            corr = gmres(lambda v: mat.solve_transpose(op_t(v)), mat.solve_transpose(g - op_t(lam)), rtol=gmres_tol, restart=40)
+            return (lam + corr,) + none
+        return (gmres(op_t, g, rtol=gmres_tol, restart=50, max_restarts=10),) + none
+
+
+class ESDIRK:
+    """An adaptive ESDIRK method (immutable); ``start`` gives a solve its own stepper."""
+
+    kind = "implicit"
+    adaptive = True
+    fsal = True
+    supports_adjoint_solve = True
+    supports_backward_modes = True
+    multistep = False
+    option_names = ADAPTIVE_OPTIONS | IMPLICIT_OPTIONS | {"step_size"}
+
+    def __init__(self, tableau: ESDIRKTableau):
+        self.tableau = tableau
+        self.name, self.order = tableau.name, tableau.order
+        self.controller_order = min(tableau.order, tableau.error_order)
+
+    def start(self, prob) -> "ESDIRKStepper":
+        return ESDIRKStepper(self, prob)
+
+
+class ESDIRKStepper:
+    """One solve's Newton state: the Newton matrix (J and its factorisation), its age, the carried
+    contraction rate, and the solve's tolerances, norm, options and statistics."""
+
+    def __init__(self, method: ESDIRK, prob):
+        self.method, self.tab = method, method.tableau
+        self.order, self.controller_order, self.fsal = method.order, method.controller_order, True
+        self.tol, self.norm, self.stats = prob.tol, prob.norm, prob.stats
+        self.linear_solver = prob.opts.linear_solver
+        self.batch_jacobian = prob.opts.batch_jacobian
+        self.autodiff = prob.autodiff
         self.mat = None
         self.need_jac = True
         self.jac_age = 0
@@ -126,124 +181,53 @@ class _SolveState:
             kind = self.linear_solver
             if kind == "auto":
                 kind = "dense" if block <= DENSE_MAX else "gmres"
-            self.mat = DenseNewtonMatrix(batch) if kind == "dense" else KrylovNewtonMatrix()
+            self.mat = DenseNewtonMatrix(batch, self.autodiff) if kind == "dense" else KrylovNewtonMatrix(self.autodiff)
         return self.mat
 
     def count(self, name: str, n: int = 1) -> None:
-        if self.stats is not None and hasattr(self.stats, name):
+        if self.stats is not None:
             setattr(self.stats, name, getattr(self.stats, name) + n)
 
-
-class _ImplicitStage(torch.autograd.Function):
-    """Forward: one more simplified-Newton correction M^-1 R. Backward: the exact (I - hg J(Y*))^-T."""
-
-    @staticmethod
-    def forward(ctx, R, mat, fY, Yr, hg, state):
-        ctx.mat = mat.frozen() if isinstance(mat, DenseNewtonMatrix) else mat
-        ctx.fY, ctx.Yr, ctx.hg, ctx.state = fY, Yr, hg, state
-        return mat.solve(R.detach())
-
-    @staticmethod
-    def backward(ctx, g):
-        mat, fY, Yr, hg, st = ctx.mat, ctx.fY, ctx.Yr, ctx.hg, ctx.state
-
-        def op_t(lam):  # (I - hg J)^T lam with one exact VJP
-            with torch.enable_grad():
-                (v,) = torch.autograd.grad(fY, Yr, lam, retain_graph=True, allow_unused=True)
-            return lam if v is None else lam - hg * v
-
-        gn = float(torch.linalg.vector_norm(g))
-        if gn == 0.0:
-            return torch.zeros_like(g), None, None, None, None, None
-        if isinstance(mat, DenseNewtonMatrix):
-            lam = mat.solve_transpose(g)
-            for _ in range(6):
-                res = g - op_t(lam)
-                st.count("n_linear_solves")
-                if float(torch.linalg.vector_norm(res)) <= 1e-11 * gn:
-                    return lam, None, None, None, None, None
-                lam = lam + mat.solve_transpose(res)
-            # slow refinement (stale J): finish with preconditioned GMRES
-            corr = gmres(lambda v: mat.solve_transpose(op_t(v)), mat.solve_transpose(g - op_t(lam)), rtol=1e-12, restart=40)
-            return lam + corr, None, None, None, None, None
-        return gmres(op_t, g, rtol=1e-12, restart=50, max_restarts=10), None, None, None, None, None
-
-
-class ESDIRK:
-    """An adaptive ESDIRK method with the step-method interface of ``rk.ExplicitRK``."""
-
-    adaptive = True
-    fsal = True
-
-    def __init__(self, tableau: ESDIRKTableau):
-        self.tableau = tableau
-        self.name, self.order = tableau.name, tableau.order
-        self.controller_order = min(tableau.order, tableau.error_order)
-        self._states: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-        self._fallback = {}
-
-    # -- per-solve state, keyed by the solve's func object ------------------------------------------
-    def bind(self, prob) -> None:
-        """Called by the loop (and replay) before the first step of a solve: tolerances, norm, stats, options."""
-        self._put(prob.func, _SolveState(prob))
-
-    def _put(self, func, st) -> None:
-        try:
-            self._states[func] = st
-        except TypeError:
-            self._fallback = {id(func): st}
-
-    def _state(self, func) -> _SolveState:
-        try:
-            st = self._states.get(func)
-        except TypeError:
-            st = self._fallback.get(id(func))
-        if st is None:
-            st = _SolveState()
-            self._put(func, st)
-        return st
-
     # -- the step -------------------------------------------------------------------------------------
-    def step(self, func, t: float, h: float, y: torch.Tensor, f0: torch.Tensor) -> ImplicitStep:
-        st = self._state(func)
+    def step(self, func, t: float, h: float, y: torch.Tensor, f0: torch.Tensor, tag=None) -> Step:
         diff = torch.is_grad_enabled() and (y.requires_grad or f0.requires_grad)
-        hg = h * self.tableau.gamma
-        mat = st.matrix(y)
+        hg = h * self.tab.gamma
+        mat = self.matrix(y)
         out = None
         for _ in range(2):
-            if st.need_jac:
+            if self.need_jac:
                 with torch.no_grad():
                     mat.update(func, t, y.detach(), f0.detach())
-                st.count("n_jac")
-                st.need_jac, st.jac_age = False, 0
+                self.count("n_jac")
+                self.need_jac, self.jac_age = False, 0
             if mat.hg is None or (mat.hg != hg and (mat.kind == "gmres" or abs(hg / mat.hg - 1) > 0.2 or y[0].numel() <= 32)):
                 mat.factor(hg)
-            out = self._stages(func, t, h, y, f0, st, mat, diff)
-            if out is not None or st.jac_age == 0:
+            out = self._stages(func, t, h, y, f0, mat, diff)
+            if out is not None or self.jac_age == 0:
                 break
-            st.need_jac = True  # Newton failed with an old J: refresh it and retry once at the same h
+            self.need_jac = True  # Newton failed with an old J: refresh it and retry once at the same h
         if out is None:
-            st.need_jac = st.jac_age > 0
-            st.eta = 1.0
-            return ImplicitStep(t, h, y, y, [f0], None, None, failed=True)
-        st.jac_age += 1
+            self.need_jac = self.jac_age > 0
+            self.eta = 1.0
+            return Step(t, h, y, y, [f0], None, failed=True, tag=tag)
+        self.jac_age += 1
         ks, Ys, Yd = out
         with torch.no_grad():
-            err = Yd[-1] - Yd[self.tableau.embedded]
-        return ImplicitStep(t, h, y, Ys[-1], ks, ks[-1], err)
+            err = Yd[-1] - Yd[self.tab.embedded]
+        return Step(t, h, y, Ys[-1], ks, ks[-1], aux=err, tag=tag)
 
-    def _stages(self, func, t, h, y, f0, st: _SolveState, mat, diff: bool):
-        tab = self.tableau
+    def _stages(self, func, t, h, y, f0, mat, diff: bool):
+        tab = self.tab
         hg = h * tab.gamma
         with torch.no_grad():
             yd = y.detach()
-            inv_scale = self._scale(st, yd).reciprocal_()
-            rms = 1.0 / math.sqrt(max(yd.numel(), 1)) if st.norm is rms_norm else 0.0
+            inv_scale = self.tol.scale(yd.abs()).reciprocal_()
+            rms = 1.0 / math.sqrt(max(yd.numel(), 1)) if self.norm is rms_norm else 0.0
             ks: List[torch.Tensor] = [f0]
             kd: List[torch.Tensor] = [f0.detach()]
             Ys: List[torch.Tensor] = [y]
             Yd: List[torch.Tensor] = [yd]
-            eta, theta_max, iters = max(st.eta, ETA_MIN) ** 0.8, 0.0, 0
+            eta, theta_max, iters = max(self.eta, ETA_MIN) ** 0.8, 0.0, 0
         for i in range(1, len(tab.c)):
             row, ti = tab.a[i], t + tab.c[i] * h
             with torch.no_grad():
@@ -257,7 +241,7 @@ class ESDIRK:
                     dY = mat.solve(torch.add(base, func(ti, Y), alpha=hg).sub_(Y))
                     Y.add_(dY)
                     iters += 1
-                    dn = float(torch.linalg.vector_norm(dY.mul_(inv_scale))) * rms if rms else float(st.norm(dY.mul_(inv_scale)))
+                    dn = float(torch.linalg.vector_norm(dY.mul_(inv_scale))) * rms if rms else float(self.norm(dY.mul_(inv_scale)))
                     if not math.isfinite(dn):
                         break
                     if dn_old is not None:
@@ -272,10 +256,10 @@ class ESDIRK:
                         converged = True
                         break
                     dn_old = dn
-                st.count("n_newton_iters", it + 1)
-                st.count("n_linear_solves", it + 1)
+                self.count("n_newton_iters", it + 1)
+                self.count("n_linear_solves", it + 1)
                 if not converged:
-                    st.eta = 1.0
+                    self.eta = 1.0
                     return None
             if diff:
                 with torch.enable_grad():
@@ -286,9 +270,9 @@ class ESDIRK:
                     Yr = Y.detach().requires_grad_(True)
                     fY = func(ti, Yr)
                     R = base_g + hg * fY - Yr
-                    Yg = Y + _ImplicitStage.apply(R, mat, fY, Yr, hg, st)
+                    Yg = Y + _ImplicitStage.apply(R, mat, fY, Yr, hg, self)
                     k = (Yg - base_g) / hg
-                st.count("n_linear_solves")
+                self.count("n_linear_solves")
                 Ys.append(Yg)
                 ks.append(k)
                 with torch.no_grad():
@@ -301,24 +285,25 @@ class ESDIRK:
                 Yd.append(Y)
                 ks.append(k)
                 kd.append(k)
-        st.eta = eta
+        self.eta = eta
         if theta_max > THETA_REFRESH:
-            st.need_jac = True
+            self.need_jac = True
         return ks, Ys, Yd
 
-    @staticmethod
-    def _scale(st: _SolveState, y: torch.Tensor) -> torch.Tensor:
-        return st.atol + st.rtol * y.abs()
-
     # -- the rest of the interface -----------------------------------------------------------------------
-    def error_vectors(self, step: ImplicitStep) -> List[torch.Tensor]:
-        return [step.err.clone()]
+    def error(self, step: Step, abs_y: torch.Tensor) -> Tuple[float, torch.Tensor]:
+        with torch.no_grad():
+            abs_y1 = step.y1.abs()
+            return float(self.norm(step.aux / self.tol.scale(abs_y, abs_y1))), abs_y1
+
+    def accepted(self, step: Step, n_steps: int, t_end: float, max_steps: int) -> None:
+        pass
 
     @staticmethod
-    def end_derivative(func, step: ImplicitStep) -> torch.Tensor:
+    def end_derivative(func, step: Step) -> torch.Tensor:
         return step.f1
 
-    def interpolate(self, func, step: ImplicitStep, t_out: float) -> torch.Tensor:
+    def interpolate(self, func, step: Step, t_out: float) -> torch.Tensor:
         return hermite(step, step.f1, (t_out - step.t) / step.h)
 
 

@@ -1,9 +1,13 @@
-"""The time-stepping loop: step-size control, stops, dense output, and step traces.
+"""The time-stepping loop: step-size control, fixed grids, stops, dense output, events, traces.
+
+A solve is ``solve(problem, y0, ts)``. It asks the problem's method for a fresh stepper and passes
+it explicitly through the loop, so everything that lives for one solve (Newton state, stiffness
+watch, the auto switch) dies with it; checkpoint replay starts its own stepper.
 
 The clock lives on the host as Python floats (float64), so the only host sync in an adaptive
-step is reading the error norm (one ``.item()``-style read per attempted step); fixed-step
-solves never sync. Everything here works on one state tensor; tuple states are flattened
-by the caller.
+step is reading the error norm (one read per attempted step); fixed-grid solves read the state
+once, at the end, to check it is finite. Everything here works on one flat state tensor; tuple
+states are flattened by the caller.
 """
 from __future__ import annotations
 
@@ -13,53 +17,43 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .control import Controller, Norm, Tolerance, initial_step
 from .errors import STIFF_HINT, MaxStepsError, NonFiniteError, SolverError, StepSizeUnderflowError
+from .rk import Step, hermite, linear
+from .settings import Options
 from .stats import SolveStats
-from .rk import Step
 
-Norm = Callable[[torch.Tensor], torch.Tensor]
-
-
-def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
+Func = Callable[[float, torch.Tensor], torch.Tensor]
+DEFAULT_MAX_STEPS = 100_000  # adaptive solves and event searches, unless options['max_num_steps'] says otherwise
+EventFn = Callable[[float, torch.Tensor], float]
 
 
 @dataclass
-class Options:
-    """Solver options (the ``options=`` dict of ``odeint``)."""
+class Callbacks:
+    """torchdiffeq's per-step hooks on ``func``, already adapted to (t float, flat y, dt float)."""
 
-    step_size: Optional[float] = None
-    first_step: Optional[float] = None
-    safety: float = 0.9
-    ifactor: float = 10.0
-    dfactor: float = 0.2
-    min_step: float = 0.0
-    max_step: float = math.inf
-    max_num_steps: int = 100_000
-    controller: str = "I"
-    pcoeff: Optional[float] = None
-    icoeff: Optional[float] = None
-    norm: Optional[object] = None
-    step_t: Sequence[float] = ()
-    jump_t: Sequence[float] = ()
-    time_dtype: Optional[torch.dtype] = None
-    checkpoint_every: int = 1
-    linear_solver: str = "auto"  # implicit methods: "auto" | "dense" | "gmres" (matrix-free Newton-Krylov)
-    batch_jacobian: Optional[bool] = None  # implicit methods: block-diagonal J over dim 0 (None: when y.ndim >= 2)
+    step: Optional[Callable] = None
+    accept: Optional[Callable] = None
+    reject: Optional[Callable] = None
 
 
 @dataclass
 class Problem:
-    """What the loop needs: ``func(t: float, y)`` already counts NFE and builds the time tensor."""
+    """What the loop needs. ``func(t: float, y)`` already counts NFE and builds the time tensor."""
 
-    func: Callable[[float, torch.Tensor], torch.Tensor]
-    method: object  # ExplicitRK or any object with its interface
-    rtol: object  # float or tensor broadcastable to the state
-    atol: object
+    func: Func
+    method: object  # an immutable method description; ``method.start(self)`` makes the stepper
+    tol: Tolerance
     norm: Norm
     opts: Options
-    stats: Optional[SolveStats] = None  # accepted/rejected steps are added here
-    backward: bool = False
+    stats: Optional[SolveStats] = None
+    backward: bool = False  # the adjoint's backward solve: statistics and messages say so
+    autodiff: bool = True  # False when func cannot itself be differentiated (Jacobians by differences)
+    callbacks: Optional[Callbacks] = None
+
+    @property
+    def label(self) -> str:
+        return "backward (adjoint) solve" if self.backward else "solve"
 
 
 @dataclass
@@ -67,96 +61,46 @@ class Trace:
     """Accepted steps of a forward solve, with states kept every ``every`` steps (checkpoint mode)."""
 
     every: int
-    steps: List[Tuple[float, float, bool, object]] = field(default_factory=list)  # (t, t_next, lands on a jump, tag)
+    steps: List[Tuple[float, float, bool, object]] = field(default_factory=list)  # (t, t_next, onto a jump, tag)
     states: Dict[int, torch.Tensor] = field(default_factory=dict)  # step index -> state at its start
 
 
 @dataclass
 class Result:
     outputs: List[torch.Tensor]
+    stepper: object = None
     n_accepted: int = 0
     n_rejected: int = 0
     next_h: Optional[float] = None  # the controller's proposal after the last accepted step (not clipped to a stop)
     event_t: Optional[float] = None
+    steps: Optional[List[Step]] = None  # accepted steps, when asked for (dense solutions)
 
 
-EventFn = Callable[[float, torch.Tensor], float]
+def fixed_grid(t0: float, t1: float, step_size: float):
+    """torchdiffeq's grid: t0 + k*step_size, the last point replaced by t1 (so the last step may be
+    short). Lazy, so an event search may run on an unbounded grid (t1 = +-inf)."""
+    direction = 1.0 if t1 >= t0 else -1.0
+    n = math.ceil(abs(t1 - t0) / step_size + 1) if math.isfinite(t1) else math.inf
+    k = 0
+    while k < n - 1:
+        yield t0 + direction * k * step_size
+        k += 1
+    yield t1
 
 
-def _error_scale(prob: Problem, a0: torch.Tensor, a1: torch.Tensor) -> torch.Tensor:
-    if isinstance(prob.rtol, float) and isinstance(prob.atol, float):
-        return torch.maximum(a0, a1).mul_(prob.rtol).add_(prob.atol)
-    return prob.atol + prob.rtol * torch.maximum(a0, a1)
-
-
-def _error_ratio(prob: Problem, step: Step, abs_y: torch.Tensor) -> Tuple[float, torch.Tensor]:
-    """The error norm (<= 1 accepts) and |y1|, reused as the next step's |y0|."""
-    with torch.no_grad():
-        abs_y1 = step.y1.abs()
-        scale = _error_scale(prob, abs_y, abs_y1)
-        norms = [prob.norm(e.div_(scale)) for e in prob.method.error_vectors(step)]
-        if len(norms) == 1:
-            return float(norms[0]), abs_y1
-        e5, e3 = torch.stack(norms).tolist()  # DOP853 blends its 5th- and 3rd-order estimates
-        if e5 == 0.0:
-            return 0.0, abs_y1
-        return e5 * e5 / math.sqrt(e5 * e5 + 0.01 * e3 * e3), abs_y1
-
-
-def initial_step(prob: Problem, t0: float, y0: torch.Tensor, f0: torch.Tensor, direction: float) -> float:
-    """Hairer, Norsett & Wanner (II.4): match an Euler step's error to the tolerance. One NFE."""
-    with torch.no_grad():
-        scale = _error_scale(prob, y0.abs(), y0.abs())
-        d0, d1 = torch.stack([prob.norm(y0 / scale), prob.norm(f0 / scale)]).tolist()
-        if not math.isfinite(d1):
-            raise NonFiniteError(f"func returned NaN or Inf at the initial point t={t0:.6g}; check the vector field and y0")
-        h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
-        f1 = prob.func(t0 + direction * h0, y0 + direction * h0 * f0)
-        d2 = float(prob.norm((f1 - f0) / scale)) / h0
-    if max(d1, d2) <= 1e-15:
-        h1 = max(1e-6, h0 * 1e-3)
-    else:
-        h1 = (0.01 / max(d1, d2)) ** (1.0 / (prob.method.controller_order + 1))
-    return min(100 * h0, h1, prob.opts.max_step)
-
-
-class _Controller:
-    """Integral (I) or proportional-integral (PI) step-size control on the error norm."""
-
-    def __init__(self, prob: Problem):
-        o = prob.opts
-        pi = o.controller == "PI"
-        self.pcoeff = o.pcoeff if o.pcoeff is not None else (0.2 if pi else 0.0)
-        self.icoeff = o.icoeff if o.icoeff is not None else (0.65 if pi else 1.0)
-        self.k = prob.method.controller_order + 1
-        self.o = o
-        self.prev_ratio = 1.0
-
-    def factor(self, ratio: float, accepted: bool) -> float:
-        o = self.o
-        if ratio == 0.0:
-            f = o.ifactor
-        else:
-            f = o.safety * ratio ** (-(self.icoeff + self.pcoeff) / self.k) * self.prev_ratio ** (self.pcoeff / self.k)
-        f = min(o.ifactor, max(o.dfactor, f))
-        if accepted:
-            self.prev_ratio = max(ratio, 1e-4)
-            return f
-        return min(1.0, f)
-
-
-def _stops(prob: Problem, t0: float, t1: float, direction: float) -> Tuple[List[float], set]:
-    """Times the solver must land on: step_t, jump_t and the end, in integration order."""
-    inside = [float(s) for s in (*prob.opts.step_t, *prob.opts.jump_t) if direction * (s - t0) > 0 and direction * (t1 - s) > 0]
-    stops = sorted(set(inside), key=lambda s: direction * s) + [t1]
-    return stops, {float(s) for s in prob.opts.jump_t}
-
-
-def solve(prob: Problem, y0: torch.Tensor, ts: Sequence[float], **kwargs) -> Result:
-    """Integrate from ts[0] through ts[-1]; return the state at every ts[i]."""
-    res = Result([y0])
+def solve(prob: Problem, y0: torch.Tensor, ts: Sequence[float], *, grid: Optional[Sequence[float]] = None,
+          f0: Optional[torch.Tensor] = None, first_step: Optional[float] = None, trace: Optional[Trace] = None,
+          event: Optional[EventFn] = None, keep_steps: bool = False) -> Result:
+    """Integrate from ts[0] through ts[-1]; return the state at every ts[i]. Fixed-grid solves
+    step on ``grid`` (or a grid from ``options['step_size']``); adaptive ones control the step."""
+    res = Result([y0], stepper=prob.method.start(prob), steps=[] if keep_steps else None)
     try:
-        _solve(prob, y0, ts, res, **kwargs)
+        if len(ts) > 1:
+            fixed = prob.opts.step_size is not None or not prob.method.adaptive or grid is not None
+            if fixed:
+                _fixed(prob, res, y0, ts, grid, f0, trace, event)
+            else:
+                _adaptive(prob, res, y0, ts, f0, first_step, trace, event)
     finally:
         if prob.stats is not None:
             if prob.backward:
@@ -168,36 +112,90 @@ def solve(prob: Problem, y0: torch.Tensor, ts: Sequence[float], **kwargs) -> Res
     return res
 
 
-def _solve(
-    prob: Problem,
-    y0: torch.Tensor,
-    ts: Sequence[float],
-    res: Result,
-    *,
-    f0: Optional[torch.Tensor] = None,
-    first_step: Optional[float] = None,
-    trace: Optional[Trace] = None,
-    event: Optional[EventFn] = None,
-) -> None:
-    o, method, func = prob.opts, prob.method, prob.func
-    if hasattr(method, "bind"):  # implicit methods keep per-solve Newton state (tolerances, Jacobian)
-        method.bind(prob)
+def _interpolator(prob: Problem, stepper):
+    """How outputs inside a step are formed: an adaptive method's dense output (also when it runs
+    at a fixed step), or on the grid of a fixed-step method torchdiffeq's ``interp``: linear by
+    default, cubic Hermite on request."""
+    if prob.method.adaptive:
+        return stepper.interpolate
+    if prob.opts.interp == "cubic":
+        return lambda func, step, t_out: hermite(step, stepper.end_derivative(func, step), (t_out - step.t) / step.h)
+    return lambda func, step, t_out: linear(step, (t_out - step.t) / step.h)
+
+
+def _fixed(prob: Problem, res: Result, y: torch.Tensor, ts: Sequence[float], grid, f0, trace, event) -> None:
+    stepper, func, o = res.stepper, prob.func, prob.opts
+    t0, t_end = float(ts[0]), float(ts[-1])
+    if grid is None:
+        grid = fixed_grid(t0, t_end, o.step_size) if o.step_size is not None else ts
+    stops, jumps = _stops(o, t0, t_end, 1.0 if t_end > t0 else -1.0)
+    points = _with_stops(grid, stops[:-1], 1.0 if t_end > t0 else -1.0)
+    direction = 1.0 if t_end > t0 else -1.0
+    interp = _interpolator(prob, stepper)
+    perturb = o.perturb
+    t = next(points)
+    if f0 is None:
+        f0 = func(math.nextafter(t, direction * math.inf) if perturb else t, y)
+    out_i, n, step, on_jump = 1, 0, None, False
+    max_steps = o.max_num_steps or (DEFAULT_MAX_STEPS if event is not None else math.inf)
+    g0 = event(t, y) if event is not None else None
+    cb = prob.callbacks
+    for t_next in points:
+        if step is not None:  # f at the start of this step, from the last one (after it, not before it ended)
+            f0 = _next_f0(stepper, func, step, t, direction, fresh=perturb or on_jump)
+        n += 1
+        if n > max_steps:
+            raise MaxStepsError(f"{prob.label}: max_num_steps={max_steps} exceeded at t={t:.6g} on the fixed grid"
+                                + (" before the event occurred" if event is not None else "")
+                                + "; raise options['max_num_steps'] or use a larger step_size")
+        _check_budget(prob, t)
+        dt = t_next - t
+        if cb is not None and cb.step is not None:
+            cb.step(t, y, dt)
+        on_jump = t_next in jumps
+        step_func = _before_jump(func, t_next, direction) if on_jump else _perturbed(func, t, t_next, direction) \
+            if perturb else func
+        step = stepper.step(step_func, t, dt, y, f0)
+        if step.failed:
+            raise SolverError(f"{prob.label}: the Newton iteration did not converge at t={t:.6g} with the fixed step "
+                              f"{dt:.3g}; use a smaller step_size")
+        res.n_accepted += 1
+        if trace is not None:
+            _record(trace, step, t, t_next, on_jump)
+        if res.steps is not None:
+            res.steps.append(step)
+        stepper.accepted(step, n, t_end, max_steps)
+        if event is not None:
+            g1 = event(t_next, step.y1)
+            if _crossed(g0, g1):
+                res.event_t = _locate_event(event, lambda s: interp(step_func, step, s), step, g0, g1)
+                res.outputs.append(interp(step_func, step, res.event_t))
+                _check_finite(prob, res, [t0, res.event_t])
+                return
+            g0 = g1
+        out_i = _emit(interp, step_func, step, ts, out_i, res.outputs, t_next, direction)
+        t, y = t_next, step.y1
+    if event is not None:
+        raise SolverError(f"{prob.label}: the event did not occur before the end of the grid at t={t:.6g}")
+    _check_finite(prob, res, ts)
+
+
+def _adaptive(prob: Problem, res: Result, y0: torch.Tensor, ts: Sequence[float], f0, first_step, trace, event) -> None:
+    o, func, stepper = prob.opts, prob.func, res.stepper
     t, t_end = float(ts[0]), float(ts[-1])
-    if len(ts) == 1:
-        return
     direction = 1.0 if t_end > t else -1.0
-    stops, jumps = _stops(prob, t, t_end, direction)
-    fixed = o.step_size is not None
+    stops, jumps = _stops(o, t, t_end, direction)
     y = y0
     if f0 is None:
         f0 = func(t, y)
-    if fixed:
-        h = o.step_size
-    else:
-        h = first_step or o.first_step or initial_step(prob, t, y, f0, direction)
-        controller = _Controller(prob)
-        abs_y = y.detach().abs()
+    h = first_step or o.first_step or initial_step(func, prob.tol, prob.norm, stepper.controller_order, t, y, f0,
+                                                   direction, o.max_step)
+    controller = Controller(o, stepper.controller_order)
+    abs_y = y.detach().abs()
+    cb = prob.callbacks
+    max_steps = o.max_num_steps or DEFAULT_MAX_STEPS
     out_i, stop_i, n_steps, n_nonfinite = 1, 0, 0, 0
+    first_bad_t = None  # where func first gave a non-finite error estimate (for the diagnosis)
     g0 = event(t, y) if event is not None else None
     while True:
         stop = stops[stop_i]
@@ -208,68 +206,138 @@ def _solve(
             t_next = float(ts[out_i])  # an output time the step reaches up to float drift: land on it exactly
         dt = t_next - t
         if abs(dt) <= 16 * math.ulp(max(abs(t), abs(t_next))):
-            raise StepSizeUnderflowError(f"step size underflow at t={t:.6g}: dt={dt:.3g}. " + STIFF_HINT)
+            if first_bad_t is not None:
+                raise NonFiniteError(f"{prob.label}: func returned NaN or Inf near t={first_bad_t:.6g} (first seen there; "
+                                     f"the step size then collapsed at t={t:.6g}). Check the vector field.")
+            raise StepSizeUnderflowError(f"{prob.label}: step size underflow at t={t:.6g}: dt={dt:.3g}. " + STIFF_HINT)
         n_steps += 1
-        if n_steps > o.max_num_steps:
+        if n_steps > max_steps:
             raise MaxStepsError(
-                f"max_num_steps={o.max_num_steps} exceeded at t={t:.6g} (integrating to {t_end:.6g}, dt={dt:.3g}). "
-                "Raise options['max_num_steps'] if the solve is just long; " + STIFF_HINT
+                f"{prob.label}: max_num_steps={max_steps} exceeded at t={t:.6g} (integrating to {t_end:.6g}, "
+                f"dt={dt:.3g}). Raise options['max_num_steps'] if the solve is just long; " + STIFF_HINT
             )
+        _check_budget(prob, t)
         on_jump = landing and stop in jumps
         step_func = _before_jump(func, t_next, direction) if on_jump else func
-        step = method.step(step_func, t, dt, y, f0)
-        if getattr(step, "failed", False):  # an implicit method's Newton iteration did not converge
-            if fixed:
-                raise SolverError(f"Newton iteration did not converge at t={t:.6g} with the fixed step {dt:.3g}; use a smaller step_size")
+        if cb is not None and cb.step is not None:
+            cb.step(t, y, dt)
+        step = stepper.step(step_func, t, dt, y, f0)
+        if step.failed:  # an implicit method's Newton iteration did not converge
             res.n_rejected += 1
+            if cb is not None and cb.reject is not None:
+                cb.reject(t, y, dt)
             h = abs(dt) * 0.5
             continue
-        if not fixed:
-            ratio, abs_y1 = _error_ratio(prob, step, abs_y)
-            if not math.isfinite(ratio):
-                n_nonfinite += 1
-                res.n_rejected += 1
-                if n_nonfinite >= 8:
-                    raise NonFiniteError(
-                        f"non-finite error estimate at t={t:.6g} with dt={dt:.3g} (the vector field returned "
-                        "NaN/Inf on 8 successive attempts). " + STIFF_HINT
-                    )
-                h = abs(dt) * o.dfactor
-                continue
-            n_nonfinite = 0
-            if ratio > 1.0:
-                res.n_rejected += 1
-                if o.min_step > 0 and abs(dt) <= o.min_step * (1 + 1e-6):  # dt = (t + h) - t may round above h
-                    raise StepSizeUnderflowError(
-                        f"error control needs a step below min_step={o.min_step:g} at t={t:.6g}. " + STIFF_HINT
-                    )
-                h = abs(dt) * controller.factor(ratio, False)
-                continue
-            abs_y = abs_y1
-            h = abs(dt) * controller.factor(ratio, True)
-            res.next_h = h
+        ratio, abs_y1 = stepper.error(step, abs_y)
+        if not math.isfinite(ratio):
+            n_nonfinite += 1
+            res.n_rejected += 1
+            first_bad_t = t if first_bad_t is None else first_bad_t
+            if cb is not None and cb.reject is not None:
+                cb.reject(t, y, dt)
+            if n_nonfinite >= 8:
+                raise NonFiniteError(
+                    f"{prob.label}: func returned NaN or Inf in every step tried from t={t:.6g} (8 attempts, down to "
+                    f"dt={dt:.3g}; first seen at t={first_bad_t:.6g}). Check the vector field. " + STIFF_HINT
+                )
+            h = abs(dt) * o.dfactor
+            continue
+        n_nonfinite = 0
+        if ratio > 1.0:
+            res.n_rejected += 1
+            if cb is not None and cb.reject is not None:
+                cb.reject(t, y, dt)
+            if o.min_step > 0 and abs(dt) <= o.min_step * (1 + 1e-6):  # dt = (t + h) - t may round above h
+                raise StepSizeUnderflowError(
+                    f"{prob.label}: error control needs a step below min_step={o.min_step:g} at t={t:.6g}. " + STIFF_HINT
+                )
+            h = abs(dt) * controller.factor(ratio, False)
+            continue
+        if cb is not None and cb.accept is not None:
+            cb.accept(t, y, dt)
+        abs_y = abs_y1
+        h = abs(dt) * controller.factor(ratio, True)
+        res.next_h = h
         if trace is not None:
-            if len(trace.steps) % trace.every == 0:
-                trace.states[len(trace.steps)] = y.detach()
-            trace.steps.append((t, t_next, on_jump, getattr(step, "tag", None)))  # tag: the sub-method of method="auto"
+            _record(trace, step, t, t_next, on_jump)
+        if res.steps is not None:
+            res.steps.append(step)
         res.n_accepted += 1
+        stepper.accepted(step, n_steps, t_end, max_steps)
         if event is not None:
             g1 = event(t_next, step.y1)
-            if (g0 < 0) != (g1 < 0) or g1 == 0.0:
-                res.event_t = _locate_event(prob, step, event, g0, g1)
-                res.outputs.append(method.interpolate(func, step, res.event_t))
+            if _crossed(g0, g1):
+                res.event_t = _locate_event(event, lambda s: stepper.interpolate(step_func, step, s), step, g0, g1)
+                res.outputs.append(stepper.interpolate(step_func, step, res.event_t))
                 return
             g0 = g1
-        out_i = _emit(method, step_func, step, ts, out_i, res.outputs, t_next, direction)
+        out_i = _emit(stepper.interpolate, step_func, step, ts, out_i, res.outputs, t_next, direction)
         if landing:
             stop_i += 1
             if stop_i == len(stops):
+                if event is not None:
+                    raise SolverError(f"{prob.label}: the event did not occur before t={t_end:.6g}")
                 return
         t, y = t_next, step.y1
-        f0 = _next_f0(method, func, step, t, direction, on_jump)
+        f0 = _next_f0(stepper, func, step, t, direction, fresh=on_jump)
 
 
-def _locate_event(prob: Problem, step: Step, event: EventFn, g0: float, g1: float) -> float:
+def _record(trace: Trace, step: Step, t: float, t_next: float, on_jump: bool) -> None:
+    if len(trace.steps) % trace.every == 0:
+        trace.states[len(trace.steps)] = step.y.detach()
+    trace.steps.append((t, t_next, on_jump, step.tag))  # tag: the sub-method of method="auto"
+
+
+def _check_budget(prob: Problem, t: float) -> None:
+    """``options['max_nfe']``: a budget of function evaluations for the solve (both passes)."""
+    o, stats = prob.opts, prob.stats
+    if o.max_nfe is not None and stats is not None:
+        used = stats.nfe_backward if prob.backward else stats.nfe_forward
+        if used >= o.max_nfe:
+            raise MaxStepsError(f"{prob.label}: max_nfe={o.max_nfe} function evaluations used up at t={t:.6g}; "
+                                "raise options['max_nfe'] or loosen the tolerance")
+
+
+def _check_finite(prob: Problem, res: Result, ts: Sequence[float]) -> None:
+    """Fixed grids have no error estimate to notice NaN: check the final state once (one host
+    read per solve; NaN and Inf propagate to it), and name the first bad output if it is bad."""
+    outs = res.outputs
+    with torch.no_grad():
+        if bool(torch.isfinite(outs[-1]).all()):
+            return
+        i = next(k for k, o in enumerate(outs) if not bool(torch.isfinite(o).all()))
+    where = f"between t={ts[i - 1]:.6g} and t={ts[i]:.6g}" if 0 < i < len(ts) else f"before t={ts[-1]:.6g}"
+    raise NonFiniteError(f"{prob.label}: the solution became NaN or Inf {where} on the fixed grid; "
+                         "use a smaller step_size or check the vector field")
+
+
+def _with_stops(grid, stops: Sequence[float], direction: float):
+    """The grid with the stops (step_t, jump_t) inserted where they fall strictly inside a step."""
+    it = iter(grid)
+    prev = next(it)
+    yield prev
+    pending = list(stops)
+    for t in it:
+        while pending and direction * (pending[0] - prev) <= 0:
+            pending.pop(0)
+        while pending and direction * (pending[0] - t) < 0:
+            yield pending.pop(0)
+        yield t
+        prev = t
+
+
+def _crossed(g0: float, g1: float) -> bool:
+    return (g0 < 0) != (g1 < 0) or g1 == 0.0
+
+
+def _stops(o: Options, t0: float, t1: float, direction: float) -> Tuple[List[float], set]:
+    """Times the solver must land on: step_t, jump_t and the end, in integration order."""
+    inside = [s for s in (*o.step_t, *o.jump_t) if direction * (s - t0) > 0 and direction * (t1 - s) > 0]
+    stops = sorted(set(inside), key=lambda s: direction * s) + [t1]
+    return stops, set(o.jump_t)
+
+
+def _locate_event(event: EventFn, interp: Callable[[float], torch.Tensor], step: Step, g0: float, g1: float) -> float:
     """The zero of event(t, y(t)) inside the step, on the dense output (Illinois false position)."""
     a, b, ga, gb = step.t, step.t + step.h, g0, g1
     side = 0
@@ -277,7 +345,7 @@ def _locate_event(prob: Problem, step: Step, event: EventFn, g0: float, g1: floa
         if gb == 0.0 or abs(b - a) <= 4 * math.ulp(max(abs(a), abs(b))):
             break
         c = b - gb * (b - a) / (gb - ga)
-        gc = event(c, prob.method.interpolate(prob.func, step, c))
+        gc = event(c, interp(c))
         if (gc < 0) == (gb < 0):
             b, gb = c, gc
             if side == -1:
@@ -289,48 +357,64 @@ def _locate_event(prob: Problem, step: Step, event: EventFn, g0: float, g1: floa
     return b
 
 
-def _before_jump(func, t_jump: float, direction: float):
+def _before_jump(func: Func, t_jump: float, direction: float) -> Func:
     """``func`` for a step that lands on a discontinuity: stages at (or past) the jump are evaluated
     at the last float before it, so the step sees f from its own side only (as torchdiffeq does)."""
     t_in = math.nextafter(t_jump, -direction * math.inf)
     return lambda s, y: func(t_in if direction * (s - t_jump) >= 0 else s, y)
 
 
-def _next_f0(method, func, step: Step, t_next: float, direction: float, on_jump: bool) -> torch.Tensor:
-    """f at the start of the next step: reused from this step, or re-evaluated just past a jump."""
-    if on_jump:
+def _perturbed(func: Func, t0: float, t1: float, direction: float) -> Func:
+    """``options['perturb']`` on fixed grids: the step sees f strictly inside (t0, t1), evaluating
+    the stages at its ends one float inwards (torchdiffeq's Perturb.NEXT / PREV)."""
+    inside0, inside1 = math.nextafter(t0, direction * math.inf), math.nextafter(t1, -direction * math.inf)
+    near = 4 * math.ulp(max(abs(t0), abs(t1)))  # t0 + 1.0*(t1 - t0) may round to a neighbour of t1
+    return lambda s, y: func(inside0 if direction * (s - t0) <= 0 else inside1 if direction * (s - t1) >= -near else s, y)
+
+
+def _next_f0(stepper, func: Func, step: Step, t_next: float, direction: float, fresh: bool) -> torch.Tensor:
+    """f at the start of the next step: reused from this step, or re-evaluated just past t_next
+    (after a jump, or on a perturbed grid where the step saw f only from inside)."""
+    if fresh:
         return func(math.nextafter(t_next, direction * math.inf), step.y1)
-    return method.end_derivative(func, step)
+    return stepper.end_derivative(func, step)
 
 
-def _emit(method, func, step: Step, ts: Sequence[float], i: int, outputs: List[torch.Tensor], t_next: float,
+def _emit(interp, func: Func, step: Step, ts: Sequence[float], i: int, outputs: List[torch.Tensor], t_next: float,
           direction: float) -> int:
     """Append the outputs that fall in (t, t_next]; the step itself is never shortened for them.
     ``func`` is the one the step used, so a step onto a jump interpolates from its own side."""
     while i < len(ts) and direction * (ts[i] - t_next) <= 0:
-        outputs.append(step.y1 if ts[i] == t_next else method.interpolate(func, step, ts[i]))
+        outputs.append(step.y1 if ts[i] == t_next else interp(func, step, ts[i]))
         i += 1
     return i
 
 
-def replay(prob: Problem, y: torch.Tensor, steps: Sequence[Tuple[float, float, bool, object]], ts: Sequence[float]) -> List[torch.Tensor]:
-    """Re-run recorded steps exactly (no error control) and return the outputs at ``ts`` among them
-    followed by the final state. Checkpointed gradients use it to rebuild one segment's graph."""
-    func, method = prob.func, prob.method
-    if hasattr(method, "bind"):
-        method.bind(prob)
+def replay(prob: Problem, y: torch.Tensor, steps: Sequence[Tuple[float, float, bool, object]],
+           ts: Sequence[float]) -> List[torch.Tensor]:
+    """Re-run recorded steps exactly (no error control) with a fresh stepper and return the outputs
+    at ``ts`` among them followed by the final state. Checkpointed gradients rebuild one segment's
+    graph with it."""
+    func = prob.func
+    stepper = prob.method.start(prob)
+    interp = _interpolator(prob, stepper)
     direction = 1.0 if steps[0][1] > steps[0][0] else -1.0
+    perturb = prob.opts.perturb and (prob.opts.step_size is not None or not prob.method.adaptive)
     outputs: List[torch.Tensor] = []
     i = 0
-    f0 = func(steps[0][0], y)
-    for n, (t, t_next, on_jump, *tag) in enumerate(steps):
-        step_func = _before_jump(func, t_next, direction) if on_jump else func
-        if tag and tag[0] is not None:
-            step = method.step(step_func, t, t_next - t, y, f0, tag=tag[0])
+    t_first = steps[0][0]
+    f0 = func(math.nextafter(t_first, direction * math.inf) if perturb else t_first, y)
+    for n, (t, t_next, on_jump, tag) in enumerate(steps):
+        if on_jump:
+            step_func = _before_jump(func, t_next, direction)
         else:
-            step = method.step(step_func, t, t_next - t, y, f0)
-        i = _emit(method, step_func, step, ts, i, outputs, t_next, direction)
+            step_func = _perturbed(func, t, t_next, direction) if perturb else func
+        step = stepper.step(step_func, t, t_next - t, y, f0, tag=tag)
+        if step.failed:
+            raise SolverError(f"checkpoint replay: the Newton iteration did not converge at t={t:.6g} (dt={t_next - t:.3g}) "
+                              "where the forward solve did; use grad='direct' or a tighter tolerance for this problem")
+        i = _emit(interp, step_func, step, ts, i, outputs, t_next, direction)
         y = step.y1
         if n + 1 < len(steps):
-            f0 = _next_f0(method, func, step, t_next, direction, on_jump)
+            f0 = _next_f0(stepper, func, step, t_next, direction, fresh=on_jump or perturb)
     return outputs + [y]

@@ -15,14 +15,17 @@ inverse of its transpose for implicit differentiation):
 * :class:`KrylovNewtonMatrix` never forms J: GMRES on v -> v - hg * J v with Jacobian-vector
   products from ``torch.func.jvp`` (finite differences if the function cannot be transformed).
 
-Jacobians come from reverse-mode autograd; a vector field that cannot be differentiated by
-autograd (the backsolve adjoint's augmented dynamics call ``torch.autograd.grad`` inside) falls
-back to forward differences, which is adequate for a Newton matrix.
+Jacobians come from reverse-mode autograd (forward mode for Krylov products). A problem that says
+its function cannot be differentiated (``autodiff=False``: the backsolve adjoint's augmented
+dynamics call ``torch.autograd.grad`` inside) uses forward differences, which are adequate for a
+Newton matrix. A function that fails under autograd for another reason also falls back to
+differences, with a warning; out-of-memory errors are never swallowed.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+import warnings
+from typing import Callable, List, Optional
 
 import torch
 
@@ -36,27 +39,37 @@ def _blocks(y: torch.Tensor, batch: bool) -> torch.Tensor:
     return y.reshape(y.shape[0], -1) if batch else y.reshape(1, -1)
 
 
-def jacobian(func: Func, t: float, y: torch.Tensor, batch: bool, f_y: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _fallback(err: RuntimeError, what: str) -> None:
+    """Allow a finite-difference fallback for a function autograd cannot handle, never for OOM."""
+    if isinstance(err, torch.OutOfMemoryError):
+        raise err
+    warnings.warn(f"{what} failed under autograd ({str(err).splitlines()[0][:120]}); "
+                  "using finite differences for the Newton matrix", RuntimeWarning, stacklevel=3)
+
+
+def jacobian(func: Func, t: float, y: torch.Tensor, batch: bool, f_y: Optional[torch.Tensor] = None,
+             autodiff: bool = True) -> torch.Tensor:
     """J = df/dy at (t, y) as (B, d, d) blocks (B = 1 unless ``batch``)."""
+    if not autodiff:
+        return fd_jacobian(func, t, y, batch, f_y)
     yb = _blocks(y.detach(), batch)
     B, d = yb.shape
     try:
         with torch.enable_grad():
             x = yb.clone().requires_grad_(True)
             fx = _blocks(func(t, x.view_as(y)), batch)
-            if not fx.requires_grad:
+            if not fx.requires_grad:  # f does not depend on y (or detaches it): J = 0 up to differences
                 return fd_jacobian(func, t, y, batch, f_y)
             eye = torch.eye(d, dtype=y.dtype, device=y.device)
             if d <= 64:
                 rows = [torch.autograd.grad(fx, x, eye[i].expand(B, d), retain_graph=i + 1 < d, allow_unused=True)[0]
                         for i in range(d)]
-                if all(r is None for r in rows):  # output not connected to the input graph (detached inside)
-                    return fd_jacobian(func, t, y, batch, f_y)
                 rows = [torch.zeros_like(yb) if r is None else r for r in rows]
                 return torch.stack(rows, dim=1)  # (B, d_out, d_in)
             (rows,) = torch.autograd.grad(fx, x, eye.unsqueeze(1).expand(d, B, d), is_grads_batched=True, allow_unused=True)
-            return fd_jacobian(func, t, y, batch, f_y) if rows is None else rows.permute(1, 0, 2)
-    except RuntimeError:
+            return torch.zeros(B, d, d, dtype=y.dtype, device=y.device) if rows is None else rows.permute(1, 0, 2)
+    except RuntimeError as err:
+        _fallback(err, "the Jacobian of func")
         return fd_jacobian(func, t, y, batch, f_y)
 
 
@@ -81,15 +94,15 @@ class DenseNewtonMatrix:
 
     kind = "dense"
 
-    def __init__(self, batch: bool):
-        self.batch = batch
+    def __init__(self, batch: bool, autodiff: bool = True):
+        self.batch, self.autodiff = batch, autodiff
         self.J: Optional[torch.Tensor] = None
         self.hg: Optional[float] = None
         self.inv = self.lu = self.piv = None
         self.n_jac = 0
 
     def update(self, func: Func, t: float, y: torch.Tensor, f_y: Optional[torch.Tensor] = None) -> None:
-        self.J = jacobian(func, t, y, self.batch, f_y)
+        self.J = jacobian(func, t, y, self.batch, f_y, self.autodiff)
         self.n_jac += 1
         self.hg = None
 
@@ -130,8 +143,9 @@ class DenseNewtonMatrix:
 
 def gmres(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, rtol: float = 1e-3,
           restart: int = 30, max_restarts: int = 4) -> torch.Tensor:
-    """Restarted GMRES (modified Gram-Schmidt, Givens-free least squares) for a flat system, x0 = 0.
-    One host sync per restart cycle plus one per inner iteration for the breakdown/residual test."""
+    """Restarted GMRES (modified Gram-Schmidt) for a real flat system, x0 = 0. The small
+    least-squares problem is solved with Givens rotations on the host in float64, so it behaves
+    the same in every dtype; one host read per inner iteration (the new Hessenberg column)."""
     shape = b.shape
     b = b.reshape(-1)
     x = torch.zeros_like(b)
@@ -140,26 +154,42 @@ def gmres(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, rtol:
         return x.view(shape)
     r = b
     for _ in range(max_restarts):
-        beta = torch.linalg.vector_norm(r)
+        beta = float(torch.linalg.vector_norm(r))
+        if beta <= rtol * bnorm:
+            break
         V = [r / beta]
-        H = torch.zeros(restart + 1, restart, dtype=b.dtype, device=b.device)
-        k_used = 0
+        R: List[List[float]] = []  # columns of the rotated (upper-triangular) Hessenberg matrix
+        rotations: List[tuple] = []
+        g = [beta]  # rotated right-hand side; |g[-1]| is the residual norm
         for k in range(restart):
             w = matvec(V[k].view(shape)).reshape(-1)
+            coeffs = []
             for i in range(k + 1):
-                H[i, k] = torch.dot(w, V[i])
-                w = w - H[i, k] * V[i]
-            H[k + 1, k] = torch.linalg.vector_norm(w)
-            k_used = k + 1
-            e1 = torch.zeros(k_used + 1, dtype=b.dtype, device=b.device)
-            e1[0] = beta
-            yk = torch.linalg.lstsq(H[: k_used + 1, :k_used], e1.unsqueeze(1)).solution.squeeze(1)
-            res = float(torch.linalg.vector_norm(H[: k_used + 1, :k_used] @ yk - e1))
-            if res <= rtol * bnorm or float(H[k + 1, k]) <= 1e-14 * bnorm:
+                hik = torch.dot(V[i], w)
+                w = w - hik * V[i]
+                coeffs.append(hik)
+            coeffs.append(torch.linalg.vector_norm(w))
+            col = torch.stack(coeffs).tolist()
+            h_next = col[k + 1]
+            for i, (c, s_) in enumerate(rotations):
+                col[i], col[i + 1] = c * col[i] + s_ * col[i + 1], -s_ * col[i] + c * col[i + 1]
+            denom = math.hypot(col[k], col[k + 1])
+            c, s_ = (1.0, 0.0) if denom == 0.0 else (col[k] / denom, col[k + 1] / denom)
+            col[k] = denom
+            rotations.append((c, s_))
+            g.append(-s_ * g[k])
+            g[k] = c * g[k]
+            R.append(col[: k + 1])
+            if abs(g[k + 1]) <= rtol * bnorm or h_next <= 1e-14 * bnorm or k + 1 == restart:
                 break
-            V.append(w / H[k + 1, k])
-        x = x + torch.stack(V[:k_used], 1) @ yk
-        if res <= rtol * bnorm:
+            V.append(w / h_next)
+        m = len(R)
+        coef = [0.0] * m  # back substitution R coef = g
+        for i in range(m - 1, -1, -1):
+            acc = g[i] - sum(R[j][i] * coef[j] for j in range(i + 1, m))
+            coef[i] = acc / R[i][i] if R[i][i] != 0.0 else 0.0
+        x = x + torch.stack(V[:m], 1) @ torch.tensor(coef, dtype=b.dtype, device=b.device)
+        if abs(g[m]) <= rtol * bnorm:
             break
         r = b - matvec(x.view(shape)).reshape(-1)
     return x.view(shape)
@@ -170,8 +200,8 @@ class KrylovNewtonMatrix:
 
     kind = "gmres"
 
-    def __init__(self, rtol: float = 1e-3):
-        self.rtol = rtol
+    def __init__(self, autodiff: bool = True, rtol: float = 1e-3):
+        self.autodiff, self.rtol = autodiff, rtol
         self.hg: Optional[float] = None
         self.n_jac = 0
         self.func = self.t = self.y = None
@@ -182,7 +212,7 @@ class KrylovNewtonMatrix:
         self.f_y = f_y.detach() if f_y is not None else None
         self.n_jac += 1
         self.hg = None
-        self._use_fd = False
+        self._use_fd = not self.autodiff
 
     def factor(self, hg: float) -> None:
         self.hg = hg
@@ -192,7 +222,8 @@ class KrylovNewtonMatrix:
         if not self._use_fd:
             try:
                 return torch.func.jvp(lambda x: self.func(self.t, x), (self.y,), (v,))[1]
-            except RuntimeError:
+            except RuntimeError as err:
+                _fallback(err, "a Jacobian-vector product of func")
                 self._use_fd = True
         if self.f_y is None:
             self.f_y = self.func(self.t, self.y)

@@ -1,25 +1,46 @@
-"""The public, torchdiffeq-compatible entry points: input checks, tuple states, gradient modes."""
+"""The public entry points: torchdiffeq's ``odeint``/``odeint_adjoint`` as thin adapters over
+:class:`SolverSettings`, and :func:`solve_ivp`, which checks the inputs and runs one solve.
+
+A solve captures everything it depends on when it is called: the settings, the tolerances, the
+user's ``func`` object (callers that need per-call state, such as CNF noise, hand in a callable
+that holds it) and the statistics record. The backward pass of the adjoint and checkpoint modes
+reads only what the forward pass captured.
+"""
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .adjoint import BacksolveAdjoint, adjoint_norm
+from .adjoint import BacksolveAdjoint, make_adjoint_problem
 from .checkpoint import CheckpointedSolve
-from .integrate import Options, Problem, rms_norm, solve
+from .control import Tolerance, mixed_rms_norm, rms_norm
+from .errors import NonFiniteError
+from .integrate import Callbacks, Problem, solve
+from .methods import get_method
+from .settings import Adjoint, Checkpoint, Direct, SolverSettings
 from .stats import SolveStats, new_solve_stats
-from .methods import METHODS
 
 State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
-GRAD_MODES = ("direct", "adjoint", "checkpoint")
-_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(Options))
+CALLBACKS = ("callback_step", "callback_accept_step", "callback_reject_step")
 
 
-class _Structure:
+class InputError(ValueError, AssertionError):
+    """Bad input. Also an AssertionError, because torchdiffeq reports most bad input with ``assert``
+    and code written for it may catch that."""
+
+
+class InputTypeError(TypeError, AssertionError):
+    """A wrongly typed input (see :class:`InputError`)."""
+
+
+class NonFiniteInput(NonFiniteError, ValueError):
+    """y0 with NaN or Inf: bad input (a ValueError) and a non-finite state (a NonFiniteError)."""
+
+
+class Structure:
     """Flattens a tuple state into one 1-D tensor and back; a lone tensor passes through."""
 
     def __init__(self, y0: State):
@@ -37,19 +58,19 @@ class _Structure:
         return tuple(p.reshape((*lead, *s)) for p, s in zip(torch.split(y, self.sizes, dim=-1), self.shapes))
 
 
-class _Func:
-    """Calls the user's func(t, y) on the solver's flat float-time interface and counts evaluations.
-    The first call checks the returned shape and dtype against y0."""
+class Func:
+    """The user's func(t, y) on the solver's interface (float time, flat state). It counts
+    evaluations and checks every output's shape and dtype (a tuple compare: free)."""
 
-    def __init__(self, func: Callable, structure: _Structure, t_dtype: torch.dtype, device, dtype, stats: SolveStats, backward: bool):
-        self.func, self.structure, self.t_dtype, self.device, self.dtype = func, structure, t_dtype, device, dtype
-        self.stats, self.backward, self.checked = stats, backward, False
+    def __init__(self, func: Callable, structure: Structure, t_dtype: torch.dtype, like: torch.Tensor,
+                 stats: SolveStats, backward: bool):
+        self.func, self.structure, self.t_dtype = func, structure, t_dtype
+        self.device, self.dtype = like.device, like.dtype
+        self.stats, self.backward = stats, backward
 
     def raw(self, t: float, y: torch.Tensor) -> torch.Tensor:
         out = self.func(torch.full((), t, dtype=self.t_dtype, device=self.device), self.structure.unflatten(y))
-        if not self.checked:
-            self._check(out)
-        return self.structure.flatten(out)
+        return self.structure.flatten(self._check(out))
 
     def __call__(self, t: float, y: torch.Tensor) -> torch.Tensor:
         if self.backward:
@@ -58,215 +79,324 @@ class _Func:
             self.stats.nfe_forward += 1
         return self.raw(t, y)
 
-    def _check(self, out) -> None:
-        outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
-        if len(outs) != len(self.structure.shapes) or isinstance(out, (tuple, list)) != self.structure.is_tuple:
-            raise ValueError(f"func must return the same structure as y0: {len(self.structure.shapes)} tensor(s), got {type(out).__name__}")
-        for o, shape in zip(outs, self.structure.shapes):
-            if not isinstance(o, torch.Tensor):
-                raise TypeError(f"func must return tensors, got {type(o).__name__}")
-            if o.shape != shape:
-                raise ValueError(f"func returned shape {tuple(o.shape)} but y0 has shape {tuple(shape)}; dy/dt must match y.")
-            if o.dtype != self.dtype:
-                raise TypeError(f"func returned dtype {o.dtype} but y0 has dtype {self.dtype}; cast inside func.")
-        self.checked = True
+    def time(self, t: float) -> torch.Tensor:
+        return torch.full((), t, dtype=self.t_dtype, device=self.device)
+
+    def _check(self, out):
+        s = self.structure
+        if s.is_tuple:
+            if not isinstance(out, (tuple, list)) or len(out) != len(s.shapes):
+                raise InputError(f"func must return the same structure as y0: a tuple of {len(s.shapes)} tensors, "
+                                 f"got {type(out).__name__}")
+            for o, shape in zip(out, s.shapes):
+                self._check_one(o, shape)
+        elif isinstance(out, (tuple, list)):
+            raise InputError(f"func must return the same structure as y0: a tensor, got {type(out).__name__}")
+        else:
+            self._check_one(out, s.shapes[0])
+        return out
+
+    def _check_one(self, o, shape) -> None:
+        if not isinstance(o, torch.Tensor):
+            raise InputTypeError(f"func must return tensors, got {type(o).__name__}")
+        if o.shape != shape:
+            raise InputError(f"func returned shape {tuple(o.shape)} but y0 has shape {tuple(shape)}; dy/dt must match y.")
+        if o.dtype != self.dtype:
+            raise InputTypeError(f"func returned dtype {o.dtype} but y0 has dtype {self.dtype}; cast inside func.")
 
 
-def _check_t(t) -> Tuple[float, ...]:
+# -- input checks -----------------------------------------------------------------------------------
+
+def check_t(t, name: str = "t") -> Tuple[float, ...]:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"t must be a 1-D tensor of times, got {type(t).__name__}")
-    if t.ndim != 1 or t.numel() == 0:
-        raise ValueError(f"t must be a non-empty 1-D tensor, got shape {tuple(t.shape)}")
+        raise InputTypeError(f"{name} must be a 1-D tensor of times, got {type(t).__name__}")
     if not t.is_floating_point():
-        raise TypeError(f"t must be floating point, got {t.dtype}; use torch.linspace or t.float()")
+        raise InputTypeError(f"`{name}` must be a floating point Tensor but is a {t.type()}; use torch.linspace or t.float()")
+    if t.ndim != 1 or t.numel() == 0:
+        raise InputError(f"{name} must be a non-empty one dimensional tensor, got shape {tuple(t.shape)}")
     ts = tuple(t.detach().double().cpu().tolist())
     if not all(map(math.isfinite, ts)):
-        raise ValueError("t contains NaN or Inf")
+        raise InputError(f"{name} contains NaN or Inf")
     diffs = [b - a for a, b in zip(ts, ts[1:])]
     if diffs and not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
-        raise ValueError("t must be strictly increasing or strictly decreasing (no repeats); sort it first")
+        raise InputError(f"{name} must be strictly increasing or decreasing (no repeats); sort it first")
     return ts
 
 
-def _check_y0(y0) -> None:
-    parts = tuple(y0) if isinstance(y0, (tuple, list)) else (y0,)
+def check_y0(y0) -> None:
+    if isinstance(y0, list):
+        raise InputTypeError("y0 must be either a torch.Tensor or a tuple of tensors, got a list")
+    parts = tuple(y0) if isinstance(y0, tuple) else (y0,)
     if not parts:
-        raise ValueError("y0 is an empty tuple")
+        raise InputError("y0 is an empty tuple")
     for p in parts:
         if not isinstance(p, torch.Tensor):
-            raise TypeError(f"y0 must be a tensor or a tuple of tensors, got {type(p).__name__}")
-        if not p.is_floating_point():
-            raise TypeError(f"y0 must be floating point, got {p.dtype}; convert with y0.float() or y0.double()")
+            raise InputTypeError(f"y0 must be a tensor or a tuple of tensors, got {type(p).__name__}")
+        if not (p.is_floating_point() or p.is_complex()):
+            raise InputTypeError(f"y0 must be floating point or complex, got {p.dtype}; convert with y0.float() or y0.double()")
     if len({(p.dtype, p.device) for p in parts}) > 1:
-        raise TypeError("all tensors of a tuple y0 must share one dtype and device")
+        raise InputTypeError("all tensors of a tuple y0 must share one dtype and device")
     if not bool(torch.stack([torch.isfinite(p).all() for p in parts]).all()):
-        raise ValueError("y0 contains NaN or Inf")
+        raise NonFiniteInput("y0 contains NaN or Inf")
 
 
-def _tolerance(name: str, tol, structure: _Structure, like: torch.Tensor):
+def _tolerance(name: str, tol, structure: Structure, like: torch.Tensor):
     """A positive float, or a flat tensor matching the flattened state."""
-    if isinstance(tol, (int, float)) and not isinstance(tol, bool):
-        if not tol > 0:
-            raise ValueError(f"{name} must be positive, got {tol}")
-        return float(tol)
-    parts = tuple(tol) if structure.is_tuple and isinstance(tol, (tuple, list)) else None
+    if isinstance(tol, float):
+        return tol
+    real = like.real if like.is_complex() else like
+    parts = tuple(tol) if isinstance(tol, (tuple, list)) else None
+    if parts is not None and structure.is_tuple and len(parts) != len(structure.shapes):
+        raise InputError(f"If using tupled {name} it must have the same length as the tuple y0 "
+                         f"({len(parts)} against {len(structure.shapes)})")
+    if parts is not None and not structure.is_tuple:
+        raise InputError(f"{name} is a tuple but y0 is a single tensor")
     tols = parts if parts is not None else (tol,) * len(structure.shapes)
     flat = []
     for tl, shape in zip(tols, structure.shapes):
-        tl = torch.as_tensor(tl, dtype=like.dtype, device=like.device)
+        tl = torch.as_tensor(tl, dtype=real.dtype, device=like.device)
+        if tl.requires_grad:
+            raise InputError(f"{name} cannot require gradient")
         try:
-            tl = tl.expand(shape) if structure.is_tuple else torch.broadcast_to(tl, shape)
+            tl = torch.broadcast_to(tl, shape) if tl.numel() != shape.numel() or tl.ndim else tl.expand(shape)
         except RuntimeError:
-            raise ValueError(f"{name} of shape {tuple(tl.shape)} does not broadcast to the state shape {tuple(shape)}") from None
+            try:
+                tl = tl.reshape(shape)
+            except RuntimeError:
+                raise InputError(f"{name} of shape {tuple(tl.shape)} does not broadcast to the state shape {tuple(shape)}") from None
         if not bool((tl > 0).all()):
-            raise ValueError(f"{name} must be positive everywhere")
-        flat.append(tl.reshape(-1) if structure.is_tuple else tl)
-    return torch.cat(flat) if structure.is_tuple else flat[0]
+            raise InputError(f"{name} must be positive everywhere")
+        flat.append(tl.reshape(-1))
+    return torch.cat(flat)
 
 
-def _options(options: Optional[dict], method: str, allow_seminorm: bool = False) -> Options:
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(_OPTION_NAMES))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; valid options: {', '.join(_OPTION_NAMES)}")
-    opts = Options(**options)
-    if opts.step_size is not None and not opts.step_size > 0:
-        raise ValueError(f"step_size must be positive, got {opts.step_size}")
-    if opts.step_size is None and not METHODS[method].adaptive:
-        raise ValueError(f"method {method!r} is fixed-step: pass options=dict(step_size=...)")
-    if opts.controller not in ("I", "PI"):
-        raise ValueError(f"controller must be 'I' or 'PI', got {opts.controller!r}")
-    if not opts.checkpoint_every >= 1:
-        raise ValueError(f"checkpoint_every must be >= 1, got {opts.checkpoint_every}")
-    if opts.norm is not None and not callable(opts.norm) and not (allow_seminorm and opts.norm == "seminorm"):
-        allowed = "a callable or 'seminorm'" if allow_seminorm else "a callable"
-        raise ValueError(f"norm must be {allowed}, got {opts.norm!r}")
-    for name in ("safety", "ifactor", "dfactor", "max_num_steps"):
-        if not getattr(opts, name) > 0:
-            raise ValueError(f"{name} must be positive, got {getattr(opts, name)}")
-    if isinstance(opts.step_t, torch.Tensor):
-        opts.step_t = opts.step_t.tolist()
-    if isinstance(opts.jump_t, torch.Tensor):
-        opts.jump_t = opts.jump_t.tolist()
-    return opts
+def _callbacks(func, structure: Structure, make_time, suffix: str = "") -> Optional[Callbacks]:
+    """torchdiffeq's callbacks (``callback_step``, ``callback_accept_step``, ``callback_reject_step``
+    and their ``_adjoint`` forms) found on ``func``, adapted to the loop's (t, flat y, dt)."""
+    found = {}
+    for name, slot in zip(CALLBACKS, ("step", "accept", "reject")):
+        cb = getattr(func, name + suffix, None)
+        if callable(cb):
+            found[slot] = (lambda t, y, dt, _cb=cb: _cb(make_time(t), structure.unflatten(y), make_time(abs(dt))))
+    return Callbacks(**found) if found else None
 
 
-def _method(method: Optional[str]) -> str:
-    method = method or "dopri5"
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
-    return method
-
-
-def _user_norm(norm: Callable, structure: _Structure) -> Callable:
+def user_norm(norm: Callable, structure: Structure) -> Callable:
     return (lambda r: norm(structure.unflatten(r))) if structure.is_tuple else norm
 
 
-def make_problem(func: Callable, y0: State, rtol, atol, method: Optional[str], options: Optional[dict]):
-    """Check the inputs and build the solver's view of them: the problem (with a fresh
-    SolveStats), the state structure, the flat y0, and a factory for backward-counting funcs."""
-    _check_y0(y0)
-    method = _method(method)
-    opts = _options(options, method)
-    structure = _Structure(y0)
-    y0_flat = structure.flatten(y0)
-    rtol_, atol_ = (_tolerance(n, v, structure, y0_flat) for n, v in (("rtol", rtol), ("atol", atol)))
-    stats = new_solve_stats()
-    t_dtype = opts.time_dtype or y0_flat.dtype
-    make_func = lambda backward: _Func(func, structure, t_dtype, y0_flat.device, y0_flat.dtype, stats, backward)
-    norm = _user_norm(opts.norm, structure) if opts.norm is not None else rms_norm
-    return Problem(make_func(False), METHODS[method], rtol_, atol_, norm, opts, stats), structure, y0_flat, make_func
-
-
-def odeint(
-    func: Callable,
-    y0: State,
-    t: torch.Tensor,
-    rtol: Union[float, torch.Tensor] = 1e-7,
-    atol: Union[float, torch.Tensor] = 1e-9,
-    method: Optional[str] = None,
-    options: Optional[dict] = None,
-    *,
-    grad: str = "direct",
-    adjoint_rtol=None,
-    adjoint_atol=None,
-    adjoint_method: Optional[str] = None,
-    adjoint_options: Optional[dict] = None,
-    adjoint_params: Optional[Sequence[torch.Tensor]] = None,
-) -> State:
-    """Solve dy/dt = func(t, y) from y(t[0]) = y0 and return y at every t[i] (leading time axis).
-
-    ``grad`` picks how gradients are computed: "direct" (backprop through the solver's
-    operations), "adjoint" (backsolve adjoint, O(1) memory) or "checkpoint" (re-run segments from
-    stored states: exact, bounded memory). See the README for methods and options.
-    """
-    if grad not in GRAD_MODES:
-        raise ValueError(f"unknown grad mode {grad!r}; valid modes: {', '.join(GRAD_MODES)}")
-    ts = _check_t(t)
-    params = _adjoint_params(func, adjoint_params) if grad != "direct" else ()
-    prob, structure, y0_flat, make_func = make_problem(func, y0, rtol, atol, method, options)
-
-    if t.requires_grad:  # moving t0 by dt moves y0 by -f(t0, y0) dt (the outputs' t_i are handled below)
-        with torch.no_grad():
-            f_start = prob.func(ts[0], y0_flat)
-        y0_flat = y0_flat + (t[0].detach() - t[0]).to(y0_flat.dtype) * f_start
-
-    if grad == "direct":
-        res = solve(prob, y0_flat, ts)
-        ys = torch.stack(res.outputs)
-    elif grad == "checkpoint":
-        ys = CheckpointedSolve.apply(prob, lambda: dataclasses.replace(prob, func=make_func(True), stats=None), y0_flat, ts, *params)
-    else:
-        adj = _adjoint_problem(prob, make_func, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options)
-        ys = BacksolveAdjoint.apply(prob, adj, y0_flat, ts, *params)
-
-    if t.requires_grad:
-        ys = _attach_time_grad(prob, ys, t, ts, y0 if not structure.is_tuple else structure.flatten(y0))
-    return structure.unflatten(ys, (len(ts),))
-
-
-def odeint_adjoint(func, y0, t, rtol=1e-7, atol=1e-9, method=None, options=None, *, adjoint_rtol=None, adjoint_atol=None,
-                   adjoint_method=None, adjoint_options=None, adjoint_params=None):
-    """``odeint`` with the backsolve adjoint, as in torchdiffeq."""
-    return odeint(func, y0, t, rtol, atol, method, options, grad="adjoint", adjoint_rtol=adjoint_rtol,
-                  adjoint_atol=adjoint_atol, adjoint_method=adjoint_method, adjoint_options=adjoint_options,
-                  adjoint_params=adjoint_params)
-
-
-def _adjoint_params(func, adjoint_params) -> Tuple[torch.Tensor, ...]:
+def adjoint_params_of(func, adjoint_params) -> Tuple[torch.Tensor, ...]:
     if adjoint_params is None:
         if not isinstance(func, nn.Module):
-            raise ValueError(
-                "grad='adjoint'/'checkpoint' needs func's parameters: make func an nn.Module or pass "
-                "adjoint_params=(...) (an empty tuple if it has none)"
+            raise InputError(
+                "func must be an instance of nn.Module to specify the adjoint parameters; alternatively pass them "
+                "explicitly with adjoint_params=(...) (an empty tuple if there are none)"
             )
         adjoint_params = func.parameters()
     return tuple(p for p in adjoint_params if isinstance(p, torch.Tensor) and p.requires_grad)
 
 
-def _adjoint_problem(prob, make_func, rtol, atol, method, options):
-    """A factory, called in backward once the augmented sizes are known."""
-    method = _method(method or prob.method.name)
-    base = {f.name: getattr(prob.opts, f.name) for f in dataclasses.fields(Options) if f.name != "norm"}
-    opts = _options({**base, **(options or {})} if options is not None else base, method, allow_seminorm=True)
-    as_float = lambda tol, fallback: float(tol) if tol is not None else (fallback if isinstance(fallback, float) else float(fallback.min()))
-    rtol_, atol_ = as_float(rtol, prob.rtol), as_float(atol, prob.atol)
-    for name, v in (("adjoint_rtol", rtol_), ("adjoint_atol", atol_)):
-        if not v > 0:
-            raise ValueError(f"{name} must be positive, got {v}")
+class Setup:
+    """The solver's view of one call: problem, structure, flat y0 and how to make backward problems."""
 
-    def make(n_state: int, n_params: int):
-        user = opts.norm
-        norm = user if callable(user) else adjoint_norm(n_state, n_params, seminorm=user == "seminorm")
-        counting = make_func(True)
-        return Problem(None, METHODS[method], rtol_, atol_, norm, opts, counting.stats, backward=True), counting
+    def __init__(self, settings: SolverSettings, func: Callable, y0: State, ts: Tuple[float, ...]):
+        check_y0(y0)
+        self.settings, self.user_func = settings, func
+        self.method = get_method(settings.method)
+        opts = settings.parsed
+        self.structure = structure = Structure(y0)
+        self.y0 = structure.flatten(y0)
+        if self.y0.is_complex() and self.method.kind not in ("explicit",):
+            raise InputError(f"method {self.method.name!r} does not support complex states; use an explicit method "
+                             "(dopri5, tsit5, rk4, ...)")
+        if self.method.kind in ("implicit", "auto", "fixed_implicit") and self.y0.dtype in (torch.float16, torch.bfloat16):
+            raise InputTypeError(f"method {self.method.name!r} needs a float32 or float64 state for its Newton solves, "
+                                 f"got {self.y0.dtype}; cast y0 with .float()")
+        self.tol = Tolerance(_tolerance("rtol", settings.rtol, structure, self.y0),
+                             _tolerance("atol", settings.atol, structure, self.y0))
+        if settings.adaptive:
+            self.tol.check_resolution(self.y0.real.dtype if self.y0.is_complex() else self.y0.dtype)
+        self.stats = new_solve_stats()
+        real = self.y0.real if self.y0.is_complex() else self.y0
+        self.t_dtype = opts.dtype or real.dtype
+        self.norm = user_norm(opts.norm, structure) if opts.norm is not None else mixed_rms_norm(structure.sizes)
+        self.func = self.make_func(False)
+        self.prob = Problem(self.func, self.method, self.tol, self.norm, opts, self.stats,
+                            callbacks=_callbacks(func, structure, self.func.time))
+        self.ts = ts
 
-    return make
+    def make_func(self, backward: bool) -> Func:
+        return Func(self.user_func, self.structure, self.t_dtype, self.y0, self.stats, backward)
+
+    def replay_problem(self) -> Problem:
+        """The forward problem again, counting into the backward statistics (checkpoint replay)."""
+        p = self.prob
+        return Problem(self.make_func(True), p.method, p.tol, p.norm, p.opts, None, callbacks=None)
 
 
-def _attach_time_grad(prob: Problem, ys: torch.Tensor, t: torch.Tensor, ts, y0_flat) -> torch.Tensor:
+def _grid(setup: Setup, t: torch.Tensor, ts) -> Optional[list]:
+    """The fixed grid torchdiffeq steps on: ``grid_constructor(func, y0, t)``, else the grid of
+    ``step_size`` (built in t's dtype, as torchdiffeq does), else t itself for fixed-step methods."""
+    o = setup.settings.parsed
+    fixed_method = not setup.method.adaptive
+    if o.grid_constructor is not None:
+        if o.step_size is not None:
+            raise InputError("step_size and grid_constructor are mutually exclusive options")
+        grid = o.grid_constructor(setup.user_func, setup.structure.unflatten(setup.y0), t)
+        if not isinstance(grid, torch.Tensor) or grid.ndim != 1:
+            raise InputError("grid_constructor must return a 1-D tensor of times")
+        g = tuple(grid.detach().double().cpu().tolist())
+        if g[0] != ts[0] or g[-1] != ts[-1]:
+            raise InputError(f"grid_constructor must return a grid from t[0]={ts[0]:g} to t[-1]={ts[-1]:g}, "
+                             f"got {g[0]:g} .. {g[-1]:g}")
+        check_t(grid, "the grid from grid_constructor")
+        return list(g)
+    if o.step_size is not None:
+        with torch.no_grad():
+            start, end = t[0].detach(), t[-1].detach()
+            n = int(torch.ceil((end - start).abs() / o.step_size + 1).item())
+            direction = 1.0 if ts[-1] >= ts[0] else -1.0
+            grid = torch.arange(0, n, dtype=t.dtype, device=t.device) * (direction * o.step_size) + start
+            grid[-1] = end
+        g = grid.double().cpu().tolist()
+        if len(g) > 2 and direction * (g[-1] - g[-2]) <= 0:
+            g.pop(-2)
+        return g
+    return list(ts) if fixed_method else None
+
+
+def solve_ivp(settings: SolverSettings, func: Callable, y0: State, t: torch.Tensor, *,
+              event_fn: Optional[Callable] = None, adjoint_params=None):
+    """One solve with ``settings``: returns the states at ``t`` (leading time axis, ``y0``'s
+    structure), or ``(event_t, states at [t0, event_t])`` with ``event_fn``."""
+    ts = check_t(t)
+    grad = settings.grad
+    params = adjoint_params_of(func, adjoint_params) if not isinstance(grad, Direct) else ()
+    setup = Setup(settings, func, y0, ts)
+    prob, structure, y0_flat = setup.prob, setup.structure, setup.y0
+    event = None
+    if event_fn is not None:
+        if not setup.method.adaptive and settings.parsed.step_size is None:
+            raise InputError(f"event handling with the fixed-step method {setup.method.name!r} needs "
+                             "options=dict(step_size=...)")
+        event = EventWatch(event_fn, setup, ts[0])
+        ts = (ts[0], math.copysign(math.inf, ts[-1] - ts[0]) if len(ts) > 1 else math.inf)
+    grid = _grid(setup, t, ts) if event is None else None
+
+    if t.requires_grad:  # moving t0 by dt moves y0 by -f(t0, y0) dt (the outputs' t_i are handled below)
+        with torch.no_grad():
+            f_start = setup.func.raw(ts[0], y0_flat)
+        y0_flat = y0_flat + (t[0].detach() - t[0]).to(y0_flat.dtype) * f_start
+
+    run = Run(setup, ts, grid, event)
+    if isinstance(grad, Direct):
+        res = solve(prob, y0_flat, ts, grid=grid, event=event)
+        ys, run.event_t = torch.stack(res.outputs), res.event_t
+    elif isinstance(grad, Checkpoint):
+        ys = CheckpointedSolve.apply(run, y0_flat, *params)
+    else:
+        ys = BacksolveAdjoint.apply(run, y0_flat, *params)
+
+    if event is not None:
+        event_t = torch.tensor(run.event_t, dtype=t.dtype, device=t.device)
+        return event_t, structure.unflatten(ys, (2,))
+    if t.requires_grad and len(ts) > 1:
+        ys = _attach_time_grad(setup, ys, t, ts, y0 if not structure.is_tuple else structure.flatten(y0))
+    return structure.unflatten(ys, (len(ts),))
+
+
+class Run:
+    """One forward solve as the gradient modes' autograd Functions see it (and the event time it found)."""
+
+    def __init__(self, setup: Setup, ts, grid, event):
+        self.setup, self.ts, self.grid, self.event = setup, ts, grid, event
+        self.event_t: Optional[float] = None
+
+    def forward(self, y0: torch.Tensor, trace=None):
+        res = solve(self.setup.prob, y0, self.ts, grid=self.grid, event=self.event, trace=trace)
+        self.event_t = res.event_t
+        return res
+
+    @property
+    def out_ts(self) -> Tuple[float, ...]:
+        """The output times the forward pass produced (t, or [t0, event_t])."""
+        return self.ts if self.event is None else (self.ts[0], self.event_t)
+
+    def adjoint_problem(self, n_params: int):
+        return make_adjoint_problem(self.setup, n_params)
+
+
+class EventWatch:
+    """event_fn(t, y) as the loop sees it: a float of (float t, flat y). A vector-valued event
+    function fires when its first component crosses zero: as in torchdiffeq each component is
+    signed to start positive and the minimum is watched. A component that starts exactly on zero
+    takes its sign from its first non-zero value, so a root at t0 is not an event."""
+
+    def __init__(self, event_fn: Callable, setup: Setup, t0: float):
+        self.event_fn, self.structure, self.make_time = event_fn, setup.structure, setup.func.time
+        with torch.no_grad():
+            g0 = torch.as_tensor(event_fn(self.make_time(t0), self.structure.unflatten(setup.y0)))
+        self.signs = torch.sign(g0).detach()
+
+    def __call__(self, s: float, y: torch.Tensor) -> float:
+        with torch.no_grad():
+            g = torch.as_tensor(self.event_fn(self.make_time(s), self.structure.unflatten(y)))
+            zero = self.signs == 0
+            if bool(zero.any()) and bool((g[zero] != 0).all() if g.ndim else g != 0):
+                self.signs = torch.where(zero, torch.sign(g), self.signs)
+            return float(torch.min(g * self.signs))
+
+
+def _attach_time_grad(setup: Setup, ys: torch.Tensor, t: torch.Tensor, ts, y0_flat) -> torch.Tensor:
     """dL/dt_i = <dL/dy_i, f(t_i, y_i)> for the outputs, and y_0 itself does not depend on t_0."""
     with torch.no_grad():
-        fs = torch.stack([prob.func(ti, yi) for ti, yi in zip(ts[1:], ys[1:])])
+        fs = torch.stack([setup.func.raw(ti, yi) for ti, yi in zip(ts[1:], ys[1:])])
     shift = (t[1:] - t[1:].detach()).to(ys.dtype).view(-1, *([1] * (ys.ndim - 1)))
     return torch.cat([y0_flat.unsqueeze(0), ys[1:] + shift * fs])
+
+
+# -- torchdiffeq's entry points -------------------------------------------------------------------------
+
+def odeint(func: Callable, y0: State, t: torch.Tensor, *, rtol=1e-7, atol=1e-9, method: Optional[str] = None,
+           options: Optional[dict] = None, event_fn: Optional[Callable] = None, grad="direct",
+           adjoint_rtol=None, adjoint_atol=None, adjoint_method: Optional[str] = None,
+           adjoint_options: Optional[dict] = None, adjoint_params: Optional[Sequence[torch.Tensor]] = None):
+    """Solve dy/dt = func(t, y) from y(t[0]) = y0 and return y at every t[i] (leading time axis);
+    with ``event_fn``, return ``(event_t, y at [t0, event_t])``.
+
+    torchdiffeq's signature and behaviour. ``grad`` picks how gradients are computed: "direct"
+    (backprop through the solver's operations), "adjoint" (backsolve adjoint, O(1) memory) or
+    "checkpoint" (re-run segments from stored states: exact, bounded memory), or a mode object
+    (``Adjoint(...)``, ``Checkpoint(every=k)``); the ``adjoint_*`` keywords configure the adjoint.
+    """
+    grad = _grad_from_keywords(grad, method, options, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options)
+    settings = SolverSettings(method=method, rtol=rtol, atol=atol, options=options or {}, grad=grad)
+    return settings.odeint(func, y0, t, event_fn=event_fn, adjoint_params=adjoint_params)
+
+
+def odeint_adjoint(func: Callable, y0: State, t: torch.Tensor, *, rtol=1e-7, atol=1e-9, method: Optional[str] = None,
+                   options: Optional[dict] = None, event_fn: Optional[Callable] = None, adjoint_rtol=None,
+                   adjoint_atol=None, adjoint_method: Optional[str] = None, adjoint_options: Optional[dict] = None,
+                   adjoint_params: Optional[Sequence[torch.Tensor]] = None):
+    """``odeint`` with the backsolve adjoint (torchdiffeq's ``odeint_adjoint``)."""
+    return odeint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options, event_fn=event_fn,
+                  grad="adjoint", adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_method=adjoint_method,
+                  adjoint_options=adjoint_options, adjoint_params=adjoint_params)
+
+
+def _grad_from_keywords(grad, method, options, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options):
+    """The torchdiffeq ``adjoint_*`` keywords folded into an :class:`Adjoint` mode."""
+    given = any(v is not None for v in (adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options))
+    if grad != "adjoint":
+        return grad
+    if adjoint_method is not None and adjoint_method != (method or "dopri5") and options is not None \
+            and adjoint_options is None:
+        raise InputError("If adjoint_method != method then adjoint_options cannot be inferred from options: "
+                         "as options were passed, pass adjoint_options as well")
+    if not given:
+        return Adjoint()
+    opts = dict(adjoint_options) if adjoint_options is not None else None
+    seminorm = opts is not None and opts.get("norm") == "seminorm"
+    if seminorm:
+        opts.pop("norm")
+    return Adjoint(rtol=adjoint_rtol, atol=adjoint_atol, method=adjoint_method, options=opts, seminorm=seminorm)

@@ -1,18 +1,31 @@
 """One generic explicit Runge-Kutta step and its continuous extension, driven by a tableau.
 
+A method (:class:`ExplicitRK`) is immutable data shared by every solve; each solve asks it for a
+fresh :class:`ExplicitStepper` (``method.start(problem)``), which owns what lives for one solve
+(here: the stiffness watch). The loop in ``integrate`` talks to every stepper through the same
+interface: ``step``, ``error``, ``accepted``, ``end_derivative``, ``interpolate``.
+
 Step sizes arrive as Python floats (the host-side clock), so stage coefficients times h are
 scalars folded into ``add_(k, alpha=...)``: no tensor is built for them and nothing syncs here.
 Linear combinations accumulate in place; that is autograd-safe because addition saves no inputs.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+import math
+from typing import Callable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
+from .errors import StiffnessError
+from .settings import ADAPTIVE_OPTIONS, FIXED_OPTIONS
 from .tableau import ButcherTableau
 
 Func = Callable[[float, torch.Tensor], torch.Tensor]
+
+STIFF_COUNT = 15  # stiff estimates (without RESET_COUNT non-stiff ones between) that make a stiff phase
+RESET_COUNT = 6
+CHECK_EVERY = 8  # while nothing looks stiff, estimate stiffness on every 8th accepted step only
 
 
 def combine(y: Optional[torch.Tensor], h: float, coeffs: Sequence[float], ks: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -29,45 +42,149 @@ def combine(y: Optional[torch.Tensor], h: float, coeffs: Sequence[float], ks: Se
 
 
 class Step:
-    """An attempted step from (t, y) to (t + h, y1), with the stages kept for dense output."""
+    """An attempted step from (t, y) to (t + h, y1), with the stages kept for dense output.
+    ``aux``: what a method keeps besides (the stage before the last for the stiffness estimate,
+    an implicit method's error vector); ``failed``: an implicit step whose Newton iteration did
+    not converge; ``tag``: which sub-method took it (``method="auto"``)."""
 
-    __slots__ = ("t", "h", "y", "y1", "ks", "f1")
+    __slots__ = ("t", "h", "y", "y1", "ks", "f1", "aux", "failed", "tag")
 
-    def __init__(self, t: float, h: float, y: torch.Tensor, y1: torch.Tensor, ks: List[torch.Tensor], f1):
+    def __init__(self, t: float, h: float, y: torch.Tensor, y1: torch.Tensor, ks: List[torch.Tensor], f1,
+                 aux=None, failed: bool = False, tag=None):
         self.t, self.h, self.y, self.y1, self.ks, self.f1 = t, h, y, y1, ks, f1
+        self.aux, self.failed, self.tag = aux, failed, tag
+
+
+def stability_limit(tab: ButcherTableau) -> float:
+    """How far the method's stability region reaches along the negative real axis."""
+    s = tab.stages
+    A = np.zeros((s, s))
+    for i, row in enumerate(tab.a):
+        A[i + 1, : len(row)] = row
+    b, one = np.array(tab.b), np.ones(s)
+    x = 0.0
+    while x < 50 and abs(1 - (x + 1e-3) * b @ np.linalg.solve(np.eye(s) + (x + 1e-3) * A, one)) <= 1 + 1e-12:
+        x += 1e-3
+    return x
+
+
+def _stiff_pair(tab: ButcherTableau) -> Optional[int]:
+    """The stage evaluated at c = 1 just before an FSAL last stage (also at c = 1), if any:
+    f at two states at t + h gives Hairer's estimate of the dominant eigenvalue."""
+    if not tab.fsal or tab.c[-1] != 1.0:
+        return None
+    j = len(tab.c) - 2
+    return j if tab.c[j] == 1.0 else None
 
 
 class ExplicitRK:
-    """A step method driven by a Butcher tableau. The loop in ``integrate`` talks to any method
-    through this interface (``step``, ``error_vectors``, ``end_derivative``, ``interpolate``,
-    ``order``, ``controller_order``, ``adaptive``, ``fsal``), so implicit methods plug in alongside."""
+    """An explicit Runge-Kutta method described by a Butcher tableau."""
+
+    kind = "explicit"
+    supports_adjoint_solve = True
+    supports_backward_modes = True
+    multistep = False
 
     def __init__(self, tableau: ButcherTableau):
         self.tableau = tableau
         self.name, self.order, self.fsal, self.adaptive = tableau.name, tableau.order, tableau.fsal, tableau.adaptive
         self.controller_order = tableau.controller_order
+        self.option_names = (ADAPTIVE_OPTIONS | FIXED_OPTIONS) if tableau.adaptive else FIXED_OPTIONS
+        self.stiff_stage = _stiff_pair(tableau)
+        self.stiff_limit = 0.98 * stability_limit(tableau) if self.stiff_stage is not None else math.inf
 
-    def step(self, func: Func, t: float, h: float, y: torch.Tensor, f0: torch.Tensor) -> Step:
-        tab = self.tableau
+    def start(self, prob, watch: Optional[bool] = None) -> "ExplicitStepper":
+        return ExplicitStepper(self, prob, watch)
+
+
+class ExplicitStepper:
+    """One solve's use of an explicit method: the step, its error, and a watch for stiffness."""
+
+    def __init__(self, method: ExplicitRK, prob, watch: Optional[bool] = None):
+        self.method, self.tab = method, method.tableau
+        self.order, self.controller_order, self.fsal = method.order, method.controller_order, method.fsal
+        self.tol, self.norm = prob.tol, prob.norm
+        self.watch = method.stiff_stage is not None and prob.opts.stiffness_check and method.adaptive
+        self.watch = watch if watch is not None else self.watch
+        self.n_stiff = self.n_nonstiff = 0
+        self.n_checked = 0
+        self.hl = 0.0  # latest |h| * |lambda| estimate (set by ``error`` on the steps it checks)
+
+    def step(self, func: Func, t: float, h: float, y: torch.Tensor, f0: torch.Tensor, tag=None) -> Step:
+        tab = self.tab
         ks = [f0]
-        yi = y
+        yi = prev = y
         for ci, row in zip(tab.c[1:], tab.a):
-            yi = combine(y, h, row, ks)
+            prev, yi = yi, combine(y, h, row, ks)
             ks.append(func(t + ci * h, yi))
         if tab.fsal:  # the last stage was evaluated at y1 itself
-            return Step(t, h, y, yi, ks, ks[-1])
+            return Step(t, h, y, yi, ks, ks[-1], aux=prev if self.watch else None)
         return Step(t, h, y, combine(y, h, tab.b, ks), ks, None)
 
     def error_vectors(self, step: Step) -> List[torch.Tensor]:
         """The embedded error estimate(s) h * sum e_i k_i (two for DOP853). Call under no_grad."""
-        tab = self.tableau
+        tab = self.tab
         errs = [combine(None, step.h, tab.e, step.ks)]
         if tab.e3 is not None:
             errs.append(combine(None, step.h, tab.e3, step.ks))
         return errs
 
-    @staticmethod
-    def end_derivative(func: Func, step: Step) -> torch.Tensor:
+    def error(self, step: Step, abs_y: torch.Tensor) -> Tuple[float, torch.Tensor]:
+        """The error norm (<= 1 accepts) and |y1|, reused as the next step's |y0|: one host read,
+        which also carries the stiffness estimate on the steps that check it."""
+        with torch.no_grad():
+            abs_y1 = step.y1.abs()
+            scale = self.tol.scale(abs_y, abs_y1)
+            norms = [self.norm(e.div_(scale)) for e in self.error_vectors(step)]
+            check = self.watch and (self.n_stiff > 0 or self.n_checked % CHECK_EVERY == 0)
+            if check:
+                norms.append(torch.linalg.vector_norm(step.ks[-1].detach() - step.ks[-2].detach()))
+                norms.append(torch.linalg.vector_norm(step.y1.detach() - step.aux.detach()))
+            values = norms[0].item() if len(norms) == 1 else torch.stack(norms).tolist()
+        if check:
+            num, den = values[-2:]
+            values = values[:-2] if len(values) > 3 else values[0]
+            self.hl = abs(step.h) * num / den if den > 0 and math.isfinite(num) else 0.0
+        else:
+            self.hl = -1.0
+        if isinstance(values, list):  # DOP853 blends its 5th- and 3rd-order estimates
+            e5, e3 = values
+            ratio = 0.0 if e5 == 0.0 else e5 * e5 / math.sqrt(e5 * e5 + 0.01 * e3 * e3)
+        else:
+            ratio = values
+        return ratio, abs_y1
+
+    def observe(self) -> bool:
+        """Count the latest stiffness estimate; True once a sustained stiff phase is seen
+        (Hairer's DOPRI5 rule: 15 stiff estimates without 6 non-stiff ones between)."""
+        self.n_checked += 1
+        if self.hl < 0:
+            return False
+        if self.hl > self.method.stiff_limit:
+            self.n_nonstiff = 0
+            self.n_stiff += 1
+            return self.n_stiff >= STIFF_COUNT
+        self.n_nonstiff += 1
+        if self.n_nonstiff >= RESET_COUNT:
+            self.n_stiff = 0
+        return False
+
+    def accepted(self, step: Step, n_steps: int, t_end: float, max_steps: int) -> None:
+        """Fail fast when a sustained stiff phase makes the solve hopeless: the steps it needs at
+        this step size exceed ``max_num_steps``."""
+        if not self.watch or not self.observe():
+            return
+        t = step.t + step.h
+        needed = n_steps + abs(t_end - t) / abs(step.h)
+        if needed > max_steps:
+            raise StiffnessError(
+                f"the problem is stiff: {self.method.name} is limited by stability, not accuracy, at "
+                f"t={t:.6g} (h={abs(step.h):.3g}, h*|lambda|={self.hl:.3g}); at this step size it needs about "
+                f"{needed:.3g} steps to reach t={t_end:.6g}, more than max_num_steps={max_steps}. "
+                "Use method='auto' or method='kvaerno5' (options=dict(stiffness_check=False) turns this check off)."
+            )
+
+    def end_derivative(self, func: Func, step: Step) -> torch.Tensor:
         """f(t + h, y1): free for FSAL tableaus, else evaluated once and reused as the next f0."""
         if step.f1 is None:
             step.f1 = func(step.t + step.h, step.y1)
@@ -75,7 +192,7 @@ class ExplicitRK:
 
     def interpolate(self, func: Func, step: Step, t_out: float) -> torch.Tensor:
         """The state at t_out inside the step: the tableau's own extension, else cubic Hermite."""
-        tab, h = self.tableau, step.h
+        tab, h = self.tab, step.h
         theta = (t_out - step.t) / h
         if tab.dense is None:
             return hermite(step, self.end_derivative(func, step), theta)
@@ -98,3 +215,12 @@ def hermite(step: Step, f1: torch.Tensor, theta: float) -> torch.Tensor:
     t2, t3 = theta * theta, theta * theta * theta
     out = torch.lerp(step.y, step.y1, 3 * t2 - 2 * t3)
     return combine(out, step.h, (t3 - 2 * t2 + theta, t3 - t2), (step.ks[0], f1))
+
+
+def linear(step: Step, theta: float) -> torch.Tensor:
+    """Linear interpolation between the step's ends (torchdiffeq's default on fixed grids)."""
+    if theta == 0.0:
+        return step.y
+    if theta == 1.0:
+        return step.y1
+    return step.y + theta * (step.y1 - step.y)

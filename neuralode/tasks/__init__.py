@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from neuralode.models import SolverSettings
+from neuralode.solvers import Adjoint, SolverSettings
 
 
 class Task:
@@ -69,21 +69,18 @@ def register(*names: str) -> Callable[[Callable[..., Task]], Callable[..., Task]
 
 
 def solver_settings(cfg: Any) -> SolverSettings:
-    """Translate the composed config into the models' plain solver settings."""
+    """The run's solver settings from the composed config: the one conversion from YAML to the
+    solver's own type (which validates every value, ``+solver.options.*`` included)."""
     s = cfg.solver
-    return SolverSettings(
-        method=s.method,
-        rtol=float(cfg.rtol),
-        atol=float(cfg.atol),
-        grad=getattr(s.grad, "value", s.grad),
-        seminorm=bool(s.seminorm),
-        step_size=s.step_size,
-        options=dict(s.options),
-        adjoint_rtol=s.adjoint.rtol,
-        adjoint_atol=s.adjoint.atol,
-        adjoint_method=s.adjoint.method,
-        adjoint_options=dict(s.adjoint.options),
-    )
+    options = dict(s.options)
+    if s.step_size is not None:
+        options["step_size"] = s.step_size
+    grad: Any = s.grad
+    if grad == "adjoint":
+        a = s.adjoint
+        grad = Adjoint(rtol=a.rtol, atol=a.atol, method=a.method, options=dict(a.options) or None,
+                       seminorm=bool(s.seminorm))
+    return SolverSettings(method=s.method, rtol=float(cfg.rtol), atol=float(cfg.atol), options=options, grad=grad)
 
 
 def build_task(cfg: Any) -> Task:
