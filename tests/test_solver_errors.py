@@ -77,9 +77,11 @@ def test_func_wrong_shape(grad):
         odeint(lambda t, y: torch.ones(3, dtype=F64), Y0, T, grad=grad, adjoint_params=())
 
 
-def test_func_wrong_dtype():
-    with pytest.raises(TypeError, match="func returned dtype torch.float32 but y0 has dtype torch.float64"):
-        odeint(lambda t, y: (-y).float(), Y0, T)
+def test_func_dtype_is_cast_to_the_state_like_torchdiffeq():
+    """torchdiffeq casts what func returns into the state's dtype; so do we (the state keeps y0's dtype)."""
+    y = odeint(lambda t, y: (-y).float(), Y0, T)
+    assert y.dtype == F64
+    torch.testing.assert_close(y[-1], Y0 * math.exp(-1.0), rtol=1e-6, atol=1e-6)
 
 
 def test_func_wrong_structure():
@@ -202,8 +204,14 @@ def test_nan_from_the_start_is_reported():
         odeint(lambda t, y: y * math.nan, Y0, T)
 
 
-def test_min_step_violation():
-    with pytest.raises(StepSizeUnderflowError, match="min_step"):
+def test_steps_at_min_step_are_accepted_like_torchdiffeq():
+    """A step at min_step is accepted whatever its error (torchdiffeq's rule), so a blow-up is
+    stepped into and reported as non-finite, not as an underflow."""
+    with record_stats() as stats:
+        odeint(lambda t, y: -y, torch.ones(1, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
+               rtol=1e-12, atol=1e-12, options=dict(min_step=0.25))
+    assert stats.n_rejected == 0 and stats.n_accepted == 4
+    with pytest.raises(NonFiniteError, match="NaN or Inf"):
         odeint(lambda t, y: y * y, torch.ones(1, dtype=F64), torch.tensor([0.0, 2.0], dtype=F64),
                options=dict(min_step=1e-3, max_num_steps=2000))
 

@@ -74,13 +74,24 @@ def test_chain_of_bounces_is_differentiable():
     h0 = torch.tensor(h, dtype=F64, requires_grad=True)
     state = torch.stack([h0, torch.zeros((), dtype=F64)])
     t = torch.tensor(0.0, dtype=F64)
+    below_ground = lambda t, s: s[0] + 1e-12  # noqa: E731  (a root at t0 would be the event itself)
     for bounce in range(3):
-        t, sol = odeint_event(ball, state, t, event_fn=height, rtol=1e-10, atol=1e-10)
+        t, sol = odeint_event(ball, state, t, event_fn=below_ground, rtol=1e-10, atol=1e-10)
         state = torch.stack([torch.zeros((), dtype=F64), -e * sol[-1, 1]])  # restart exactly on the ground
     v1 = math.sqrt(2 * G * h)
     assert abs(t.item() - (math.sqrt(2 * h / G) + 2 * v1 * (e + e * e) / G)) < 1e-8
     (dt_dh0,) = torch.autograd.grad(t, h0)
     assert abs(dt_dh0.item() - (1 + 2 * e + 2 * e * e) / math.sqrt(2 * G * h)) < 1e-6
+
+
+@pytest.mark.parametrize("grad", MODES)
+def test_root_at_the_start_is_the_event(grad):
+    """As in torchdiffeq: when the event function is zero at t0, the event is at t0."""
+    y0 = torch.tensor([0.0, 3.0], dtype=F64, requires_grad=True)
+    event_t, sol = odeint_event(_Gravity(G), y0, torch.tensor(0.5, dtype=F64), event_fn=height, grad=grad)
+    assert event_t.item() == 0.5 and torch.equal(sol[0], sol[1])
+    sol[-1].sum().backward()
+    assert y0.grad is not None and torch.isfinite(y0.grad).all()
 
 
 def test_reverse_time_event():

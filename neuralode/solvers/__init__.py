@@ -1,6 +1,7 @@
 """Differentiable ODE solvers: explicit and implicit Runge-Kutta methods, dense output, three gradient modes."""
 from .errors import (MaxStepsError, NonFiniteError, SolverError, StepSizeUnderflowError, StiffnessError,
                      ToleranceError)
+from .dense import DenseSolution, odeint_dense
 from .events import odeint_event
 from .methods import METHODS, get_method
 from .odeint import odeint, odeint_adjoint
@@ -9,7 +10,7 @@ from .stats import SolveStats, StatsRecorder, record_stats
 from .tableau import TABLEAUS, ButcherTableau
 
 __all__ = [
-    "odeint", "odeint_adjoint", "odeint_event", "SolverSettings", "Direct", "Adjoint", "Checkpoint", "record_stats",
+    "odeint", "odeint_adjoint", "odeint_event", "odeint_dense", "DenseSolution", "SolverSettings", "Direct", "Adjoint", "Checkpoint", "record_stats",
     "SolveStats", "StatsRecorder", "SolverError", "StepSizeUnderflowError", "MaxStepsError", "NonFiniteError",
     "StiffnessError", "ToleranceError", "ButcherTableau", "TABLEAUS", "METHODS", "GRAD_MODES", "get_method",
 ]

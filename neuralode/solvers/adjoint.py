@@ -2,19 +2,22 @@
 
 Backward in time we solve the augmented state [y, a, g] with
     dy/dt = f(t, y),   da/dt = -a^T df/dy,   dg/dt = -a^T df/dtheta,
-one vector-Jacobian product per evaluation and no Jacobian ever built. At every output time the
-state is reset to the stored forward value and dL/dy(t_i) is added to a. The state is integrated
-backwards, which is unstable for chaotic or strongly contracting dynamics: use grad="checkpoint"
-there.
+one vector-Jacobian product per evaluation and no Jacobian ever built, separately on every
+interval between output times. At every output time the state is reset to the stored forward
+value and dL/dy(t_i) is added to a. The state is integrated backwards, which is unstable for
+chaotic or strongly contracting dynamics: use grad="checkpoint" there.
 
-Error control of the backward solve follows torchdiffeq: the max of the forward norm of y, of a,
-and of each parameter gradient's RMS; the seminorm (Kidger et al. 2021) leaves the parameter
-gradients out; a callable ``norm`` gets ``(t, y, a, *param_grads)`` as torchdiffeq passes it. y
-and a keep the forward solve's per-component tolerances.
+As in torchdiffeq, the autograd node exposes ``adjoint_options`` (its ``"norm"`` is read when the
+backward pass runs), ``adjoint_rtol``, ``adjoint_atol``, ``adjoint_method``, ``func``, ``shapes``,
+``t_requires_grad`` and ``event_mode``. The error norm of the backward solve sees the augmented
+state as torchdiffeq lays it out, ``(t, y, a, *param_grads)``: by default the max of the forward
+norm of y and of a and of each parameter gradient's RMS; the seminorm (Kidger et al. 2021) leaves
+the parameter gradients out; a user callable gets that tuple (with y and a split into their parts
+for tuple states). y and a keep the forward solve's per-component tolerances.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, List, Sequence
 
 import torch
 
@@ -33,60 +36,69 @@ def _aug_tolerance(fwd: Tolerance, rtol, atol, n_params: int) -> Tolerance:
         if isinstance(base, float):
             return base
         base = base.reshape(-1)
-        g = base.min().reshape(1).expand(n_params)
-        return torch.cat([base, base, g])
+        return torch.cat([base, base, base.min().reshape(1).expand(n_params)])
 
     return Tolerance(part(rtol, fwd.rtol), part(atol, fwd.atol))
 
 
-def _aug_norm(setup, opts, n: int, sizes: Sequence[int]):
+class AugLayout:
+    """Splits the flat augmented state [y, a, g] into torchdiffeq's tuple (t, y, a, *param_grads):
+    y and a in y0's shape (flat for tuple states), each gradient in its parameter's shape."""
+
+    is_tuple = True
+
+    def __init__(self, setup, params: Sequence[torch.Tensor]):
+        self.n = setup.y0.numel()
+        self.y_shape = setup.y0.shape
+        self.param_shapes = [p.shape for p in params]
+        self.sizes = [p.numel() for p in params]
+        self.zero = torch.zeros((), dtype=setup.t_dtype, device=setup.y0.device)
+
+    def unflatten(self, r: torch.Tensor):
+        n = self.n
+        grads, start = [], 2 * n
+        for size, shape in zip(self.sizes, self.param_shapes):
+            grads.append(r[start:start + size].view(shape))
+            start += size
+        return (self.zero, r[:n].view(self.y_shape), r[n:2 * n].view(self.y_shape), *grads)
+
+
+def adjoint_norm(setup, mode: str, user: Callable = None) -> Callable:
+    """The backward solve's norm of the tuple (t, y, a, *param_grads)."""
     state_norm = setup.norm
-    param_bounds, start = [], 2 * n
-    for s in sizes:
-        param_bounds.append((start, start + s))
-        start += s
-    user = opts.norm
-    if callable(user):
+    if mode == "user":
         structure = setup.structure
-        zero = torch.zeros((), dtype=setup.y0.real.dtype if setup.y0.is_complex() else setup.y0.dtype)
+        if not structure.is_tuple:
+            return user
 
-        def norm(r: torch.Tensor) -> torch.Tensor:
-            y, a = r[:n], r[n:2 * n]
-            ys = structure.unflatten(y) if structure.is_tuple else (y,)
-            adj = structure.unflatten(a) if structure.is_tuple else (a,)
-            return torch.as_tensor(user((zero.to(r.device), *ys, *adj, *[r[i:j] for i, j in param_bounds])))
+        def split(tup):
+            t, y, a, *grads = tup
+            return user((t, *structure.unflatten(y), *structure.unflatten(a), *grads))
 
-        return norm
-    seminorm = user == "seminorm"
+        return split
 
-    def norm(r: torch.Tensor) -> torch.Tensor:
-        parts = [state_norm(r[:n]), state_norm(r[n:2 * n])]
-        if not seminorm:
-            parts += [rms_norm(r[i:j]) for i, j in param_bounds if j > i]
-        return torch.stack(parts).max()
+    def norm(tup):
+        t, y, a, *grads = tup
+        parts = [t.abs(), state_norm(y.reshape(-1)), state_norm(a.reshape(-1))]
+        if mode == "default":
+            parts += [rms_norm(g) for g in grads]
+        return torch.stack([torch.as_tensor(p, dtype=t.dtype, device=t.device) for p in parts]).max()
 
     return norm
 
 
-def make_adjoint_problem(setup, sizes: Sequence[int]) -> Problem:
+def make_adjoint_problem(setup, layout: AugLayout, norm: Callable) -> Problem:
     """The backward solve's problem; its func is set per backward pass (it closes over the grads)."""
+    from .odeint import _callbacks  # the adjoint callbacks see (t, (t, y, a, *param grads), dt)
+
     settings = setup.settings
     g = settings.grad
     method = get_method(g.method or settings.method)
-    opts = settings.adjoint_parsed
-    n = setup.y0.numel()
-    tol = _aug_tolerance(setup.tol, g.rtol, g.atol, sum(sizes))
-    from .odeint import _callbacks  # the adjoint callbacks see (t, (y, a, *param grads), dt)
-
-    class _AugStructure:
-        is_tuple = True
-
-        @staticmethod
-        def unflatten(r):
-            return (r[:n], r[n:2 * n], *torch.split(r[2 * n:], list(sizes)))
-
-    return Problem(None, method, tol, _aug_norm(setup, opts, n, sizes), opts, setup.stats, backward=True,
-                   autodiff=False, callbacks=_callbacks(setup.user_func, _AugStructure, setup.func.time, "_adjoint"))
+    tol = _aug_tolerance(setup.tol, g.rtol, g.atol, sum(layout.sizes))
+    flat_norm = lambda r: torch.as_tensor(norm(layout.unflatten(r)))  # noqa: E731  (read at backward time)
+    return Problem(None, method, tol, flat_norm, settings.adjoint_parsed, setup.stats, backward=True,
+                   autodiff=False, callbacks=_callbacks(setup.user_func, layout, setup.func.time, "_adjoint"),
+                   time_dtype=setup.t_dtype)
 
 
 class BacksolveAdjoint(torch.autograd.Function):
@@ -94,7 +106,17 @@ class BacksolveAdjoint(torch.autograd.Function):
     def forward(ctx, run, y0: torch.Tensor, *params):
         with torch.no_grad():
             ys = torch.stack(run.forward(y0).outputs)
+        setup, g = run.setup, run.setup.settings.grad
+        user = setup.settings.adjoint_parsed.norm
+        mode = "user" if callable(user) else "seminorm" if user == "seminorm" else "default"
         ctx.run = run
+        ctx.adjoint_options = {**setup.settings.adjoint_options(), "norm": adjoint_norm(setup, mode, user)}
+        ctx.adjoint_rtol = g.rtol if g.rtol is not None else setup.settings.rtol
+        ctx.adjoint_atol = g.atol if g.atol is not None else setup.settings.atol
+        ctx.adjoint_method = g.method or setup.settings.method
+        ctx.func, ctx.event_mode = setup.user_func, run.event is not None
+        ctx.shapes = setup.structure.shapes if setup.structure.is_tuple else None
+        ctx.t_requires_grad = False  # time gradients are attached outside this node
         ctx.save_for_backward(ys, *params)
         return ys
 
@@ -106,7 +128,8 @@ class BacksolveAdjoint(torch.autograd.Function):
         setup = run.setup
         shape, n = ys.shape[1:], ys[0].numel()
         sizes = [p.numel() for p in params]
-        prob = make_adjoint_problem(setup, sizes)
+        layout = AugLayout(setup, params)
+        prob = make_adjoint_problem(setup, layout, lambda tup: ctx.adjoint_options["norm"](tup))
         user_func = setup.make_func(True)
 
         def aug_func(t: float, aug: torch.Tensor) -> torch.Tensor:
@@ -117,8 +140,9 @@ class BacksolveAdjoint(torch.autograd.Function):
                     vjp = torch.autograd.grad(f, (y, *params), -aug[n: 2 * n].view(shape), allow_unused=True)
                 else:  # f depends on neither y nor the parameters
                     vjp = (None,) * (1 + len(params))
-            flat = [f.detach().reshape(-1), torch.zeros_like(aug[:n]) if vjp[0] is None else vjp[0].reshape(-1)]
-            flat += [torch.zeros(s, dtype=ys.dtype, device=ys.device) if v is None else v.reshape(-1)
+            flat: List[torch.Tensor] = [f.detach().reshape(-1),
+                                        torch.zeros_like(aug[:n]) if vjp[0] is None else vjp[0].reshape(-1)]
+            flat += [torch.zeros(s, dtype=aug.dtype, device=aug.device) if v is None else v.reshape(-1).to(aug.dtype)
                      for v, s in zip(vjp[1:], sizes)]
             return torch.cat(flat)
 
@@ -127,10 +151,12 @@ class BacksolveAdjoint(torch.autograd.Function):
         g = torch.zeros(sum(sizes), dtype=ys.dtype, device=ys.device)
         h = None
         for i in range(len(ts) - 1, 0, -1):
-            res = solve(prob, torch.cat([ys[i].reshape(-1), a, g]), (ts[i], ts[i - 1]), first_step=h)
-            h = res.next_h or h  # the proposal, not the last step (that one was clipped to ts[i-1])
-            aug = res.outputs[-1]
-            a = aug[n: 2 * n] + grad_ys[i - 1].reshape(-1)
-            g = aug[2 * n:]
+            if ts[i] != ts[i - 1]:  # an event at t0 leaves nothing to integrate
+                res = solve(prob, torch.cat([ys[i].reshape(-1), a, g]), (ts[i], ts[i - 1]), first_step=h)
+                h = res.next_h or h  # the proposal, not the last step (that one was clipped to ts[i-1])
+                aug = res.outputs[-1]
+                a, g = aug[n: 2 * n], aug[2 * n:]
+            a = a + grad_ys[i - 1].reshape(-1)
         grads = list(torch.split(g, sizes)) if params else []
+        grads = [gr.real if not p.is_complex() and gr.is_complex() else gr for gr, p in zip(grads, params)]
         return (None, a.view(shape), *[gr.view_as(p) for gr, p in zip(grads, params)])

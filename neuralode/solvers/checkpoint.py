@@ -30,6 +30,8 @@ class CheckpointedSolve(torch.autograd.Function):
         ts = run.out_ts
         prob = run.setup.replay_problem()
         steps = trace.steps
+        if not steps:  # an event at t0: the outputs are y0 itself
+            return (None, grad_ys.sum(0), *[torch.zeros_like(p) for p in params])
         # which step emits each output t_i (i >= 1): the first whose end reaches it
         owner, j = [], 0
         for t_out in ts[1:]:

@@ -5,12 +5,13 @@ class SolverError(RuntimeError):
     """The integration could not be completed; the message gives t, dt and a remedy."""
 
 
-class StepSizeUnderflowError(SolverError):
-    pass
+class StepSizeUnderflowError(SolverError, AssertionError):
+    """The step size fell below what the time grid can resolve. Also an AssertionError: that is
+    what torchdiffeq raises ("underflow in dt"), and code written for it may catch that."""
 
 
-class MaxStepsError(SolverError):
-    """``max_num_steps`` or ``max_nfe`` was exhausted."""
+class MaxStepsError(SolverError, AssertionError):
+    """``max_num_steps`` or ``max_nfe`` was exhausted (an AssertionError too, as in torchdiffeq)."""
 
 
 class NonFiniteError(SolverError):

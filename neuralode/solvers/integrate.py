@@ -50,6 +50,12 @@ class Problem:
     backward: bool = False  # the adjoint's backward solve: statistics and messages say so
     autodiff: bool = True  # False when func cannot itself be differentiated (Jacobians by differences)
     callbacks: Optional[Callbacks] = None
+    time_dtype: torch.dtype = torch.float64  # what func sees: one-sided evaluations step by its resolution
+
+    def nudge(self, t: float, direction: float) -> float:
+        """The next time after ``t`` in ``direction`` that func can tell apart from ``t``."""
+        x = torch.tensor(t, dtype=self.time_dtype)
+        return float(torch.nextafter(x, torch.tensor(direction * math.inf, dtype=self.time_dtype)))
 
     @property
     def label(self) -> str:
@@ -93,9 +99,14 @@ def solve(prob: Problem, y0: torch.Tensor, ts: Sequence[float], *, grid: Optiona
           event: Optional[EventFn] = None, keep_steps: bool = False) -> Result:
     """Integrate from ts[0] through ts[-1]; return the state at every ts[i]. Fixed-grid solves
     step on ``grid`` (or a grid from ``options['step_size']``); adaptive ones control the step."""
+    if prob.method.kind == "scipy":  # scipy's solve_ivp runs the whole solve (no steps, no stepper)
+        return Result(prob.method.integrate(prob, y0, ts, event=event))
     res = Result([y0], stepper=prob.method.start(prob), steps=[] if keep_steps else None)
     try:
-        if len(ts) > 1:
+        if event is not None and event(float(ts[0]), y0) == 0.0:  # torchdiffeq: a root at t0 is the event
+            res.event_t = float(ts[0])
+            res.outputs.append(y0)
+        elif len(ts) > 1:
             fixed = prob.opts.step_size is not None or not prob.method.adaptive or grid is not None
             if fixed:
                 _fixed(prob, res, y0, ts, grid, f0, trace, event)
@@ -127,7 +138,8 @@ def _fixed(prob: Problem, res: Result, y: torch.Tensor, ts: Sequence[float], gri
     stepper, func, o = res.stepper, prob.func, prob.opts
     t0, t_end = float(ts[0]), float(ts[-1])
     if grid is None:
-        grid = fixed_grid(t0, t_end, o.step_size) if o.step_size is not None else ts
+        grid = _grid_for(prob, y, t0, t_end) if o.grid_constructor is not None \
+            else fixed_grid(t0, t_end, o.step_size) if o.step_size is not None else ts
     stops, jumps = _stops(o, t0, t_end, 1.0 if t_end > t0 else -1.0)
     points = _with_stops(grid, stops[:-1], 1.0 if t_end > t0 else -1.0)
     direction = 1.0 if t_end > t0 else -1.0
@@ -135,14 +147,14 @@ def _fixed(prob: Problem, res: Result, y: torch.Tensor, ts: Sequence[float], gri
     perturb = o.perturb
     t = next(points)
     if f0 is None:
-        f0 = func(math.nextafter(t, direction * math.inf) if perturb else t, y)
+        f0 = func(prob.nudge(t, direction) if perturb else t, y)
     out_i, n, step, on_jump = 1, 0, None, False
     max_steps = o.max_num_steps or (DEFAULT_MAX_STEPS if event is not None else math.inf)
     g0 = event(t, y) if event is not None else None
     cb = prob.callbacks
     for t_next in points:
         if step is not None:  # f at the start of this step, from the last one (after it, not before it ended)
-            f0 = _next_f0(stepper, func, step, t, direction, fresh=perturb or on_jump)
+            f0 = _next_f0(prob, stepper, step, t, direction, fresh=perturb or on_jump)
         n += 1
         if n > max_steps:
             raise MaxStepsError(f"{prob.label}: max_num_steps={max_steps} exceeded at t={t:.6g} on the fixed grid"
@@ -153,7 +165,7 @@ def _fixed(prob: Problem, res: Result, y: torch.Tensor, ts: Sequence[float], gri
         if cb is not None and cb.step is not None:
             cb.step(t, y, dt)
         on_jump = t_next in jumps
-        step_func = _before_jump(func, t_next, direction) if on_jump else _perturbed(func, t, t_next, direction) \
+        step_func = _before_jump(prob, t_next, direction) if on_jump else _perturbed(prob, t, t_next, direction) \
             if perturb else func
         step = stepper.step(step_func, t, dt, y, f0)
         if step.failed:
@@ -218,9 +230,9 @@ def _adaptive(prob: Problem, res: Result, y0: torch.Tensor, ts: Sequence[float],
             )
         _check_budget(prob, t)
         on_jump = landing and stop in jumps
-        step_func = _before_jump(func, t_next, direction) if on_jump else func
+        step_func = _before_jump(prob, t_next, direction) if on_jump else func
         if cb is not None and cb.step is not None:
-            cb.step(t, y, dt)
+            cb.step(t, y, h)  # as torchdiffeq: the proposal, before it is shortened onto a stop
         step = stepper.step(step_func, t, dt, y, f0)
         if step.failed:  # an implicit method's Newton iteration did not converge
             res.n_rejected += 1
@@ -243,14 +255,11 @@ def _adaptive(prob: Problem, res: Result, y0: torch.Tensor, ts: Sequence[float],
             h = abs(dt) * o.dfactor
             continue
         n_nonfinite = 0
-        if ratio > 1.0:
+        at_min_step = o.min_step > 0 and abs(dt) <= o.min_step * (1 + 1e-6)  # dt = (t + h) - t may round above h
+        if ratio > 1.0 and not at_min_step:  # as torchdiffeq, a step at min_step is accepted whatever its error
             res.n_rejected += 1
             if cb is not None and cb.reject is not None:
                 cb.reject(t, y, dt)
-            if o.min_step > 0 and abs(dt) <= o.min_step * (1 + 1e-6):  # dt = (t + h) - t may round above h
-                raise StepSizeUnderflowError(
-                    f"{prob.label}: error control needs a step below min_step={o.min_step:g} at t={t:.6g}. " + STIFF_HINT
-                )
             h = abs(dt) * controller.factor(ratio, False)
             continue
         if cb is not None and cb.accept is not None:
@@ -279,7 +288,7 @@ def _adaptive(prob: Problem, res: Result, y0: torch.Tensor, ts: Sequence[float],
                     raise SolverError(f"{prob.label}: the event did not occur before t={t_end:.6g}")
                 return
         t, y = t_next, step.y1
-        f0 = _next_f0(stepper, func, step, t, direction, fresh=on_jump)
+        f0 = _next_f0(prob, stepper, step, t, direction, fresh=on_jump)
 
 
 def _record(trace: Trace, step: Step, t: float, t_next: float, on_jump: bool) -> None:
@@ -309,6 +318,18 @@ def _check_finite(prob: Problem, res: Result, ts: Sequence[float]) -> None:
     where = f"between t={ts[i - 1]:.6g} and t={ts[i]:.6g}" if 0 < i < len(ts) else f"before t={ts[-1]:.6g}"
     raise NonFiniteError(f"{prob.label}: the solution became NaN or Inf {where} on the fixed grid; "
                          "use a smaller step_size or check the vector field")
+
+
+def _grid_for(prob: Problem, y0: torch.Tensor, t0: float, t1: float) -> List[float]:
+    """``grid_constructor(func, y0, t)`` for a solve the caller did not grid (the adjoint's backward
+    intervals): t is the interval's two ends, in the direction of the solve."""
+    t = torch.tensor([t0, t1], dtype=prob.time_dtype, device=y0.device)
+    grid = prob.opts.grid_constructor(lambda s, y: prob.func(float(s), y), y0, t)
+    g = [float(v) for v in torch.as_tensor(grid).detach().reshape(-1).double().cpu()]
+    if len(g) < 2 or g[0] != float(t[0]) or g[-1] != float(t[-1]):
+        raise SolverError(f"{prob.label}: grid_constructor must return a grid from {t0:g} to {t1:g}")
+    g[0], g[-1] = t0, t1
+    return g
 
 
 def _with_stops(grid, stops: Sequence[float], direction: float):
@@ -357,27 +378,28 @@ def _locate_event(event: EventFn, interp: Callable[[float], torch.Tensor], step:
     return b
 
 
-def _before_jump(func: Func, t_jump: float, direction: float) -> Func:
+def _before_jump(prob: Problem, t_jump: float, direction: float) -> Func:
     """``func`` for a step that lands on a discontinuity: stages at (or past) the jump are evaluated
-    at the last float before it, so the step sees f from its own side only (as torchdiffeq does)."""
-    t_in = math.nextafter(t_jump, -direction * math.inf)
-    return lambda s, y: func(t_in if direction * (s - t_jump) >= 0 else s, y)
+    at the last time before it that func can resolve (in its time dtype), so the step sees f from
+    its own side only (as torchdiffeq does)."""
+    func, t_in = prob.func, prob.nudge(t_jump, -direction)
+    return lambda s, y: func(t_in if direction * (s - t_in) > 0 else s, y)
 
 
-def _perturbed(func: Func, t0: float, t1: float, direction: float) -> Func:
+def _perturbed(prob: Problem, t0: float, t1: float, direction: float) -> Func:
     """``options['perturb']`` on fixed grids: the step sees f strictly inside (t0, t1), evaluating
-    the stages at its ends one float inwards (torchdiffeq's Perturb.NEXT / PREV)."""
-    inside0, inside1 = math.nextafter(t0, direction * math.inf), math.nextafter(t1, -direction * math.inf)
+    the stages at its ends one representable time inwards (torchdiffeq's Perturb.NEXT / PREV)."""
+    func, inside0, inside1 = prob.func, prob.nudge(t0, direction), prob.nudge(t1, -direction)
     near = 4 * math.ulp(max(abs(t0), abs(t1)))  # t0 + 1.0*(t1 - t0) may round to a neighbour of t1
     return lambda s, y: func(inside0 if direction * (s - t0) <= 0 else inside1 if direction * (s - t1) >= -near else s, y)
 
 
-def _next_f0(stepper, func: Func, step: Step, t_next: float, direction: float, fresh: bool) -> torch.Tensor:
+def _next_f0(prob: Problem, stepper, step: Step, t_next: float, direction: float, fresh: bool) -> torch.Tensor:
     """f at the start of the next step: reused from this step, or re-evaluated just past t_next
     (after a jump, or on a perturbed grid where the step saw f only from inside)."""
     if fresh:
-        return func(math.nextafter(t_next, direction * math.inf), step.y1)
-    return stepper.end_derivative(func, step)
+        return prob.func(prob.nudge(t_next, direction), step.y1)
+    return stepper.end_derivative(prob.func, step)
 
 
 def _emit(interp, func: Func, step: Step, ts: Sequence[float], i: int, outputs: List[torch.Tensor], t_next: float,
@@ -403,18 +425,19 @@ def replay(prob: Problem, y: torch.Tensor, steps: Sequence[Tuple[float, float, b
     outputs: List[torch.Tensor] = []
     i = 0
     t_first = steps[0][0]
-    f0 = func(math.nextafter(t_first, direction * math.inf) if perturb else t_first, y)
+    f0 = func(prob.nudge(t_first, direction) if perturb else t_first, y)
     for n, (t, t_next, on_jump, tag) in enumerate(steps):
         if on_jump:
-            step_func = _before_jump(func, t_next, direction)
+            step_func = _before_jump(prob, t_next, direction)
         else:
-            step_func = _perturbed(func, t, t_next, direction) if perturb else func
+            step_func = _perturbed(prob, t, t_next, direction) if perturb else func
         step = stepper.step(step_func, t, t_next - t, y, f0, tag=tag)
         if step.failed:
             raise SolverError(f"checkpoint replay: the Newton iteration did not converge at t={t:.6g} (dt={t_next - t:.3g}) "
                               "where the forward solve did; use grad='direct' or a tighter tolerance for this problem")
+        stepper.accepted(step, n + 1, steps[-1][1], math.inf)  # multistep methods keep their history
         i = _emit(interp, step_func, step, ts, i, outputs, t_next, direction)
         y = step.y1
         if n + 1 < len(steps):
-            f0 = _next_f0(stepper, func, step, t_next, direction, fresh=on_jump or perturb)
+            f0 = _next_f0(prob, stepper, step, t_next, direction, fresh=on_jump or perturb)
     return outputs + [y]

@@ -3,12 +3,18 @@
 Entries are immutable method descriptions shared by every solve; a solve gets its own stepper
 from ``METHODS[name].start(problem)``.
 """
+from .adams import ADAMS_METHODS
 from .auto import AutoSwitch
 from .implicit import IMPLICIT_METHODS
+from .implicit_fixed import FIXED_IMPLICIT_METHODS
 from .rk import ExplicitRK
+from .scipy_wrapper import SCIPY_METHODS
 from .tableau import TABLEAUS
 
 METHODS = {name: ExplicitRK(tab) for name, tab in TABLEAUS.items()}
+METHODS.update(ADAMS_METHODS)
+METHODS.update(FIXED_IMPLICIT_METHODS)
+METHODS.update(SCIPY_METHODS)
 METHODS.update(IMPLICIT_METHODS)
 METHODS["auto"] = AutoSwitch(METHODS["dopri5"], METHODS["kvaerno5"])
 

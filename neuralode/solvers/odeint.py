@@ -9,12 +9,13 @@ reads only what the forward pass captured.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .adjoint import BacksolveAdjoint, make_adjoint_problem
+from .adjoint import BacksolveAdjoint
 from .checkpoint import CheckpointedSolve
 from .control import Tolerance, mixed_rms_norm, rms_norm
 from .errors import NonFiniteError
@@ -41,7 +42,9 @@ class NonFiniteInput(NonFiniteError, ValueError):
 
 
 class Structure:
-    """Flattens a tuple state into one 1-D tensor and back; a lone tensor passes through."""
+    """Flattens a tuple state into one 1-D tensor (dtypes promoted as torch.cat does) and back; a
+    lone tensor passes through. Unflattened parts are views (slice, then view) of the flat tensor,
+    as in torchdiffeq, so code that walks ``grad_fn`` from a tuple output finds the same nodes."""
 
     def __init__(self, y0: State):
         self.is_tuple = isinstance(y0, (tuple, list))
@@ -55,7 +58,11 @@ class Structure:
     def unflatten(self, y: torch.Tensor, lead: Tuple[int, ...] = ()) -> State:
         if not self.is_tuple:
             return y
-        return tuple(p.reshape((*lead, *s)) for p, s in zip(torch.split(y, self.sizes, dim=-1), self.shapes))
+        out, start = [], 0
+        for n, shape in zip(self.sizes, self.shapes):
+            out.append(y[..., start:start + n].view((*lead, *shape)))
+            start += n
+        return tuple(out)
 
 
 class Func:
@@ -69,8 +76,8 @@ class Func:
         self.stats, self.backward = stats, backward
 
     def raw(self, t: float, y: torch.Tensor) -> torch.Tensor:
-        out = self.func(torch.full((), t, dtype=self.t_dtype, device=self.device), self.structure.unflatten(y))
-        return self.structure.flatten(self._check(out))
+        out = self.structure.flatten(self._check(self.func(self.time(t), self.structure.unflatten(y))))
+        return out if out.dtype == self.dtype else out.to(self.dtype)  # as torchdiffeq: cast into the state's dtype
 
     def __call__(self, t: float, y: torch.Tensor) -> torch.Tensor:
         if self.backward:
@@ -101,8 +108,6 @@ class Func:
             raise InputTypeError(f"func must return tensors, got {type(o).__name__}")
         if o.shape != shape:
             raise InputError(f"func returned shape {tuple(o.shape)} but y0 has shape {tuple(shape)}; dy/dt must match y.")
-        if o.dtype != self.dtype:
-            raise InputTypeError(f"func returned dtype {o.dtype} but y0 has dtype {self.dtype}; cast inside func.")
 
 
 # -- input checks -----------------------------------------------------------------------------------
@@ -134,8 +139,8 @@ def check_y0(y0) -> None:
             raise InputTypeError(f"y0 must be a tensor or a tuple of tensors, got {type(p).__name__}")
         if not (p.is_floating_point() or p.is_complex()):
             raise InputTypeError(f"y0 must be floating point or complex, got {p.dtype}; convert with y0.float() or y0.double()")
-    if len({(p.dtype, p.device) for p in parts}) > 1:
-        raise InputTypeError("all tensors of a tuple y0 must share one dtype and device")
+    if len({p.device for p in parts}) > 1:
+        raise InputTypeError("all tensors of a tuple y0 must be on one device")
     if not bool(torch.stack([torch.isfinite(p).all() for p in parts]).all()):
         raise NonFiniteInput("y0 contains NaN or Inf")
 
@@ -170,15 +175,32 @@ def _tolerance(name: str, tol, structure: Structure, like: torch.Tensor):
     return torch.cat(flat)
 
 
-def _callbacks(func, structure: Structure, make_time, suffix: str = "") -> Optional[Callbacks]:
+def _callbacks(func, structure: Structure, make_time, suffix: str = "", method=None) -> Optional[Callbacks]:
     """torchdiffeq's callbacks (``callback_step``, ``callback_accept_step``, ``callback_reject_step``
-    and their ``_adjoint`` forms) found on ``func``, adapted to the loop's (t, flat y, dt)."""
+    and their ``_adjoint`` forms) found on ``func``, adapted to the loop's (t, flat y, dt). As in
+    torchdiffeq, dt is positive in either direction of time, and fixed-grid methods call only
+    ``callback_step`` (warning about the others)."""
     found = {}
+    unsupported = []
     for name, slot in zip(CALLBACKS, ("step", "accept", "reject")):
         cb = getattr(func, name + suffix, None)
-        if callable(cb):
-            found[slot] = (lambda t, y, dt, _cb=cb: _cb(make_time(t), structure.unflatten(y), make_time(abs(dt))))
+        if not callable(cb):
+            continue
+        if method is not None and slot not in method_callbacks(method):
+            unsupported.append(name + suffix)
+            continue
+        found[slot] = (lambda t, y, dt, _cb=cb: _cb(make_time(t), structure.unflatten(y), make_time(abs(dt))))
+    if unsupported:
+        warnings.warn(f"Solver '{method.name}' does not support callbacks {set(unsupported)}", UserWarning, stacklevel=5)
     return Callbacks(**found) if found else None
+
+
+def method_callbacks(method) -> Tuple[str, ...]:
+    """Which callbacks a method calls: every step-size-controlled method all three, fixed grids
+    only ``callback_step``, scipy none."""
+    if method.kind == "scipy":
+        return ()
+    return ("step", "accept", "reject") if method.adaptive else ("step",)
 
 
 def user_norm(norm: Callable, structure: Structure) -> Callable:
@@ -206,7 +228,7 @@ class Setup:
         opts = settings.parsed
         self.structure = structure = Structure(y0)
         self.y0 = structure.flatten(y0)
-        if self.y0.is_complex() and self.method.kind not in ("explicit",):
+        if self.y0.is_complex() and self.method.kind not in ("explicit", "scipy"):
             raise InputError(f"method {self.method.name!r} does not support complex states; use an explicit method "
                              "(dopri5, tsit5, rk4, ...)")
         if self.method.kind in ("implicit", "auto", "fixed_implicit") and self.y0.dtype in (torch.float16, torch.bfloat16):
@@ -222,7 +244,8 @@ class Setup:
         self.norm = user_norm(opts.norm, structure) if opts.norm is not None else mixed_rms_norm(structure.sizes)
         self.func = self.make_func(False)
         self.prob = Problem(self.func, self.method, self.tol, self.norm, opts, self.stats,
-                            callbacks=_callbacks(func, structure, self.func.time))
+                            callbacks=_callbacks(func, structure, self.func.time, method=self.method),
+                            time_dtype=self.t_dtype)
         self.ts = ts
 
     def make_func(self, backward: bool) -> Func:
@@ -231,7 +254,7 @@ class Setup:
     def replay_problem(self) -> Problem:
         """The forward problem again, counting into the backward statistics (checkpoint replay)."""
         p = self.prob
-        return Problem(self.make_func(True), p.method, p.tol, p.norm, p.opts, None, callbacks=None)
+        return Problem(self.make_func(True), p.method, p.tol, p.norm, p.opts, None, time_dtype=p.time_dtype)
 
 
 def _grid(setup: Setup, t: torch.Tensor, ts) -> Optional[list]:
@@ -273,25 +296,31 @@ def solve_ivp(settings: SolverSettings, func: Callable, y0: State, t: torch.Tens
     grad = settings.grad
     params = adjoint_params_of(func, adjoint_params) if not isinstance(grad, Direct) else ()
     setup = Setup(settings, func, y0, ts)
-    prob, structure, y0_flat = setup.prob, setup.structure, setup.y0
+    structure, y0_flat = setup.structure, setup.y0
     event = None
     if event_fn is not None:
+        if len(ts) != 2:
+            raise InputError(f"We require len(t) == 2 when in event handling mode, but got len(t)={len(ts)}: "
+                             "t[0] is the start and the sign of t[1] - t[0] the direction (t[1] is not a bound)")
+        if setup.method.kind == "scipy":
+            raise InputError("scipy_solver does not handle events; use an adaptive method such as dopri5")
         if not setup.method.adaptive and settings.parsed.step_size is None:
             raise InputError(f"event handling with the fixed-step method {setup.method.name!r} needs "
                              "options=dict(step_size=...)")
         event = EventWatch(event_fn, setup, ts[0])
-        ts = (ts[0], math.copysign(math.inf, ts[-1] - ts[0]) if len(ts) > 1 else math.inf)
+        ts = (ts[0], math.copysign(math.inf, ts[1] - ts[0]))
     grid = _grid(setup, t, ts) if event is None else None
 
-    if t.requires_grad:  # moving t0 by dt moves y0 by -f(t0, y0) dt (the outputs' t_i are handled below)
+    time_grad = t.requires_grad and setup.method.kind != "scipy"  # scipy's solutions carry no gradient
+    if time_grad:  # moving t0 by dt moves y0 by -f(t0, y0) dt (the outputs' t_i are handled below)
         with torch.no_grad():
             f_start = setup.func.raw(ts[0], y0_flat)
         y0_flat = y0_flat + (t[0].detach() - t[0]).to(y0_flat.dtype) * f_start
 
     run = Run(setup, ts, grid, event)
     if isinstance(grad, Direct):
-        res = solve(prob, y0_flat, ts, grid=grid, event=event)
-        ys, run.event_t = torch.stack(res.outputs), res.event_t
+        res = run.forward(y0_flat)
+        ys = torch.stack(res.outputs)
     elif isinstance(grad, Checkpoint):
         ys = CheckpointedSolve.apply(run, y0_flat, *params)
     else:
@@ -299,10 +328,26 @@ def solve_ivp(settings: SolverSettings, func: Callable, y0: State, t: torch.Tens
 
     if event is not None:
         event_t = torch.tensor(run.event_t, dtype=t.dtype, device=t.device)
+        if not isinstance(grad, Direct):  # as torchdiffeq's adjoint: an output of the solve, with zero gradient
+            event_t = _EventTime.apply(ys, event_t)
         return event_t, structure.unflatten(ys, (2,))
-    if t.requires_grad and len(ts) > 1:
+    if time_grad and len(ts) > 1:
         ys = _attach_time_grad(setup, ys, t, ts, y0 if not structure.is_tuple else structure.flatten(y0))
     return structure.unflatten(ys, (len(ts),))
+
+
+class _EventTime(torch.autograd.Function):
+    """The event time as an output of the solve whose gradient is ignored (torchdiffeq's
+    odeint_adjoint does not backpropagate through it; odeint_event does)."""
+
+    @staticmethod
+    def forward(ctx, ys, event_t):
+        ctx.like = ys
+        return event_t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.zeros_like(ctx.like), None
 
 
 class Run:
@@ -321,9 +366,6 @@ class Run:
     def out_ts(self) -> Tuple[float, ...]:
         """The output times the forward pass produced (t, or [t0, event_t])."""
         return self.ts if self.event is None else (self.ts[0], self.event_t)
-
-    def adjoint_problem(self, n_params: int):
-        return make_adjoint_problem(self.setup, n_params)
 
 
 class EventWatch:

@@ -118,6 +118,8 @@ def parse_options(options: Optional[Mapping[str, Any]], method, *, adjoint: bool
         else:
             kw[name] = value
     opts = Options(**kw)
+    if set(opts.step_t) & set(opts.jump_t):
+        raise ValueError("`step_t` and `jump_t` must not have any repeated elements between them.")
     _check_ranges(opts, adjoint)
     return opts
 
@@ -242,6 +244,8 @@ class SolverSettings:
         set_("parsed", parse_options(self.options, method))
         if self.parsed.norm == "seminorm":
             raise ValueError("norm='seminorm' applies to the adjoint solve: pass it in adjoint_options")
+        if not isinstance(self.grad, Direct) and not method.supports_backward_modes:
+            raise ValueError(f"method {method.name!r} supports only grad='direct'")
         if isinstance(self.grad, Adjoint):
             adj = get_method(self.grad.method or method.name)
             if not adj.supports_adjoint_solve:
@@ -250,8 +254,6 @@ class SolverSettings:
             _check_tolerance("adjoint_rtol", self.grad.rtol) if self.grad.rtol is not None else None
             _check_tolerance("adjoint_atol", self.grad.atol) if self.grad.atol is not None else None
             set_("adjoint_parsed", parse_options(self.adjoint_options(), adj, adjoint=True))
-        if not isinstance(self.grad, Direct) and not method.supports_backward_modes:
-            raise ValueError(f"method {method.name!r} supports only grad='direct'")
 
     @property
     def adaptive(self) -> bool:
