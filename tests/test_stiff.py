@@ -3,6 +3,7 @@
 References come from scipy's Radau at rtol=atol=1e-10, computed once per session."""
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -350,3 +351,71 @@ def _problem(n):
     from neuralode.solvers import SolverSettings
     from neuralode.solvers.odeint import Setup
     return Setup(SolverSettings(method="kvaerno5"), lambda t, y: -y, torch.zeros(n, dtype=F64), (0.0, 1.0)).prob
+
+
+# ---------------------------------------------------------------- kvaerno5's continuous extension
+def _trees(n):
+    """Rooted trees with n nodes, as sorted tuples of subtrees."""
+    if n == 1:
+        return [()]
+
+    def parts(m, largest):
+        if m == 0:
+            yield []
+            return
+        for k in range(min(m, largest), 0, -1):
+            for rest in parts(m - k, k):
+                yield [k] + rest
+
+    out = set()
+    for p in parts(n - 1, n - 1):
+        for combo in itertools.product(*[_trees(k) for k in p]):
+            out.add(tuple(sorted(combo)))
+    return sorted(out)
+
+
+def _order(t):
+    return 1 + sum(_order(c) for c in t)
+
+
+def _gamma(t):
+    g = _order(t)
+    for c in t:
+        g *= _gamma(c)
+    return g
+
+
+def test_kvaerno5_dense_output_order_conditions():
+    """b_i(theta) satisfy all 8 order-4 conditions for every theta, and b(1) = b."""
+    tab = KVAERNO5
+    s = len(tab.c)
+    A = np.zeros((s, s))
+    for i, row in enumerate(tab.a):
+        A[i, : len(row)] = row
+
+    def phi(t):
+        v = np.ones(s)
+        for c in t:
+            v = v * (A @ phi(c))
+        return v
+
+    D = np.array(tab.dense)  # (stage, power)
+    for theta in np.linspace(0.0, 1.0, 11):
+        b = D @ theta ** np.arange(1, D.shape[1] + 1)
+        for n in range(1, 5):
+            for t in _trees(n):
+                assert abs(b @ phi(t) - theta ** n / _gamma(t)) < 1e-13, (theta, t)
+    np.testing.assert_allclose(D.sum(1), A[-1], atol=1e-13)
+
+
+def test_kvaerno5_interior_outputs_are_as_accurate_as_the_steps():
+    """Off-step outputs from the continuous extension: about 5x the tolerance on a smooth problem
+    (measured 3.7 / 4.1 / 5.05 at 1e-4 / 1e-6 / 1e-8; cubic Hermite gave 13 / 38 / 124), where the
+    step ends themselves are about 2x."""
+    f = lambda t, y: -y + torch.sin(t)  # noqa: E731
+    exact = lambda t: 1.5 * np.exp(-t) + 0.5 * (np.sin(t) - np.cos(t))  # noqa: E731  (y0 = 1)
+    ts = np.linspace(0, 10, 333)
+    for tol in (1e-4, 1e-6, 1e-8):
+        y = odeint(f, torch.ones(1, dtype=F64), torch.tensor(ts, dtype=F64), rtol=tol, atol=tol, method="kvaerno5")
+        err = np.abs(y[:, 0].numpy() - exact(ts)) / (tol + tol * np.abs(exact(ts)))
+        assert err.max() < 6.0, (tol, err.max())

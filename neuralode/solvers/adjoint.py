@@ -17,11 +17,13 @@ for tuple states). y and a keep the forward solve's per-component tolerances.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, List, Sequence
 
 import torch
 
 from .control import Tolerance, rms_norm
+from .errors import MaxStepsError, SolverError
 from .integrate import Problem, solve
 from .methods import get_method
 
@@ -101,11 +103,18 @@ def make_adjoint_problem(setup, layout: AugLayout, norm: Callable) -> Problem:
                    time_dtype=setup.t_dtype)
 
 
+BACKWARD_STEP_FACTOR = 10  # a backward solve this many times longer than the forward one has diverged
+UNSTABLE_HINT = ("the backsolve adjoint re-integrates the state backwards in time, which is unstable for strongly "
+                 "contracting (stiff) or chaotic dynamics; use grad='checkpoint' (exact, bounded memory)")
+
+
 class BacksolveAdjoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, y0: torch.Tensor, *params):
         with torch.no_grad():
-            ys = torch.stack(run.forward(y0).outputs)
+            res = run.forward(y0)
+            ys = torch.stack(res.outputs)
+        ctx.forward_steps = res.n_accepted + res.n_rejected
         setup, g = run.setup, run.setup.settings.grad
         user = setup.settings.adjoint_parsed.norm
         mode = "user" if callable(user) else "seminorm" if user == "seminorm" else "default"
@@ -147,12 +156,26 @@ class BacksolveAdjoint(torch.autograd.Function):
             return torch.cat(flat)
 
         prob.func = aug_func
+        # fail fast when the backward solve diverges instead of crawling to max_num_steps
+        budget = BACKWARD_STEP_FACTOR * ctx.forward_steps + 200
+        capped = prob.opts.max_num_steps is None or prob.opts.max_num_steps > budget
+        if capped:
+            prob.opts = dataclasses.replace(prob.opts, max_num_steps=budget)
         a = grad_ys[-1].reshape(-1)
         g = torch.zeros(sum(sizes), dtype=ys.dtype, device=ys.device)
         h = None
         for i in range(len(ts) - 1, 0, -1):
             if ts[i] != ts[i - 1]:  # an event at t0 leaves nothing to integrate
-                res = solve(prob, torch.cat([ys[i].reshape(-1), a, g]), (ts[i], ts[i - 1]), first_step=h)
+                try:
+                    res = solve(prob, torch.cat([ys[i].reshape(-1), a, g]), (ts[i], ts[i - 1]), first_step=h)
+                except MaxStepsError as e:
+                    if not capped:
+                        raise
+                    raise MaxStepsError(f"backward (adjoint) solve: stopped after {budget} steps, {BACKWARD_STEP_FACTOR}x "
+                                        f"the forward solve's {ctx.forward_steps}: it is diverging; "
+                                        + UNSTABLE_HINT) from None
+                except SolverError as e:
+                    raise type(e)(f"{e} ({UNSTABLE_HINT})") from None
                 h = res.next_h or h  # the proposal, not the last step (that one was clipped to ts[i-1])
                 aug = res.outputs[-1]
                 a, g = aug[n: 2 * n], aug[2 * n:]

@@ -179,6 +179,8 @@ class _StageSolution(torch.autograd.Function):
         none = (None,) * 4
 
         def op_t(lam):  # N^T lam = lam - diag(J_j^T) (hA^T (x) I) lam
+            if not F.requires_grad:  # f does not depend on the state: J = 0
+                return lam
             with torch.enable_grad():
                 (v,) = torch.autograd.grad(F, Zr, _mix(hA_t, lam), retain_graph=True, allow_unused=True)
             return lam if v is None else lam - v

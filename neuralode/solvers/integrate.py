@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .control import Controller, Norm, Tolerance, initial_step
-from .errors import STIFF_HINT, MaxStepsError, NonFiniteError, SolverError, StepSizeUnderflowError
+from .errors import STIFF_HINT, MaxStepsError, NonFiniteError, SolverError, StepSizeUnderflowError, ToleranceError
 from .rk import Step, hermite, linear
 from .settings import Options
 from .stats import SolveStats
@@ -204,6 +204,10 @@ def _adaptive(prob: Problem, res: Result, y0: torch.Tensor, ts: Sequence[float],
                                                    direction, o.max_step)
     controller = Controller(o, stepper.controller_order)
     abs_y = y.detach().abs()
+    # float16 saturates long before float32: a state near its largest value stops moving instead
+    # of overflowing, so the solve would crawl to max_num_steps; watch for it (one read per step)
+    half = y.dtype in (torch.float16, torch.bfloat16)
+    half_max, stalled = torch.finfo(y.dtype).max / 8, 0
     cb = prob.callbacks
     max_steps = o.max_num_steps or DEFAULT_MAX_STEPS
     out_i, stop_i, n_steps, n_nonfinite = 1, 0, 0, 0
@@ -224,6 +228,9 @@ def _adaptive(prob: Problem, res: Result, y0: torch.Tensor, ts: Sequence[float],
             raise StepSizeUnderflowError(f"{prob.label}: step size underflow at t={t:.6g}: dt={dt:.3g}. " + STIFF_HINT)
         n_steps += 1
         if n_steps > max_steps:
+            if event is not None:
+                raise MaxStepsError(f"{prob.label}: the event did not occur within max_num_steps={max_steps} steps "
+                                    f"(reached t={t:.6g}); check the event function, or raise options['max_num_steps']")
             raise MaxStepsError(
                 f"{prob.label}: max_num_steps={max_steps} exceeded at t={t:.6g} (integrating to {t_end:.6g}, "
                 f"dt={dt:.3g}). Raise options['max_num_steps'] if the solve is just long; " + STIFF_HINT
@@ -273,6 +280,14 @@ def _adaptive(prob: Problem, res: Result, y0: torch.Tensor, ts: Sequence[float],
             res.steps.append(step)
         res.n_accepted += 1
         stepper.accepted(step, n_steps, t_end, max_steps)
+        if half:  # half precision saturates or stops moving long before a step-size underflow shows it
+            if float(abs_y.max()) > half_max:
+                raise NonFiniteError(f"{prob.label}: the state reached {float(abs_y.max()):.4g} at t={t_next:.6g}, near "
+                                     f"the largest {str(y.dtype)[6:]} value; solve in float32 or rescale the state")
+            stalled = stalled + 1 if torch.equal(step.y1, step.y) else 0
+            if stalled >= 50:
+                raise ToleranceError(f"{prob.label}: the state stopped changing at t={t_next:.6g}: the steps are below "
+                                     f"the resolution of {str(y.dtype)[6:]}; solve in float32")
         if event is not None:
             g1 = event(t_next, step.y1)
             if _crossed(g0, g1):

@@ -172,7 +172,7 @@ class ExplicitStepper:
     def accepted(self, step: Step, n_steps: int, t_end: float, max_steps: int) -> None:
         """Fail fast when a sustained stiff phase makes the solve hopeless: the steps it needs at
         this step size exceed ``max_num_steps``."""
-        if not self.watch or not self.observe():
+        if not self.watch or not self.observe() or not math.isfinite(t_end):  # an event search: steps bound it
             return
         t = step.t + step.h
         needed = n_steps + abs(t_end - t) / abs(step.h)
