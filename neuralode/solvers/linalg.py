@@ -195,6 +195,15 @@ def gmres(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, rtol:
     return x.view(shape)
 
 
+def _jvp():
+    """torch.func.jvp; its first use loads decompositions that emit a FutureWarning about
+    torch.jit.script from inside PyTorch, which users can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        from torch._decomp import decompositions_for_jvp  # noqa: F401  (the import that warns)
+    return torch.func.jvp
+
+
 class KrylovNewtonMatrix:
     """Matrix-free I - hg*J: GMRES with Jacobian-vector products at the linearisation point."""
 
@@ -221,7 +230,7 @@ class KrylovNewtonMatrix:
         self.n_matvec += 1
         if not self._use_fd:
             try:
-                return torch.func.jvp(lambda x: self.func(self.t, x), (self.y,), (v,))[1]
+                return _jvp()(lambda x: self.func(self.t, x), (self.y,), (v,))[1]
             except RuntimeError as err:
                 _fallback(err, "a Jacobian-vector product of func")
                 self._use_fd = True
