@@ -1,10 +1,13 @@
-"""Typed schemas behind the YAML files in ``conf/``.
+"""Typed schemas behind the YAML files in ``conf/``: a leaf module that imports nothing
+from the solvers, models or data, so ``--help`` and ``--cfg job`` stay cheap.
 
 Hydra merges every YAML file onto one of these dataclasses, so a wrong type
-(``rtol=abc``), an unknown key or an invalid enum value fails while the config
-is composed, before any data is loaded. Value checks that types cannot express
-(positive tolerances and batch sizes, known solver names) live in
-:func:`validate`, which ``train.py`` calls first.
+(``rtol=abc``) or an unknown key fails while the config is composed, before any
+data is loaded. Choices are plain strings (a checkpoint stores the config as
+plain containers, which ``torch.load(weights_only=True)`` accepts); :func:`validate`
+checks them and every value a type cannot express (positive tolerances and
+batch sizes, model/dataset pairs). Names owned by a registry (solver methods and
+options, toy datasets) are checked by :mod:`neuralode.preflight`.
 
 Model and dataset schemas are chosen per option (``schema/model/image_classifier``,
 ``schema/dataset/image``) rather than fixed in :class:`Config`, so later model families
@@ -13,28 +16,18 @@ Model and dataset schemas are chosen per option (``schema/model/image_classifier
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from neuralode.data.toy2d import Toy2D
-from neuralode.models.cnf import Noise, Trace
-
-from neuralode.solvers import METHODS  # noqa: E402  (the solver registry is the source of truth)
-
-ADAPTIVE_METHODS = tuple(name for name, m in METHODS.items() if m.adaptive)
-FIXED_METHODS = tuple(name for name, m in METHODS.items() if not m.adaptive)
-
-
-class Grad(str, Enum):
-    """How gradients flow through a solve (see the solver library)."""
-
-    direct = "direct"
-    adjoint = "adjoint"
-    checkpoint = "checkpoint"
+# The command line's vocabulary for choices the models and solvers accept as strings.
+GRADS = ("direct", "adjoint", "checkpoint")
+TRACES = ("exact", "hutchinson")
+NOISES = ("gaussian", "rademacher")
+ACTIVATIONS = ("softplus", "tanh", "elu", "swish")
 
 
 @dataclass
@@ -50,7 +43,7 @@ class AdjointConf:
 @dataclass
 class SolverConf:
     method: str = "dopri5"
-    grad: Grad = Grad.adjoint
+    grad: str = "adjoint"  # one of GRADS
     seminorm: bool = False
     step_size: Optional[float] = None
     options: Dict[str, Any] = field(default_factory=dict)
@@ -113,13 +106,6 @@ class TimeSeriesDatasetConf:
     n_extrap: Optional[int] = None  # held-out future points per series (null: generator default)
 
 
-class Activation(str, Enum):
-    softplus = "softplus"
-    tanh = "tanh"
-    elu = "elu"
-    swish = "swish"
-
-
 @dataclass
 class CNFConf:
     """cnf: continuous normalizing flow (FFJORD) with RNODE regularisers; see neuralode.models.cnf."""
@@ -127,9 +113,9 @@ class CNFConf:
     name: str = "cnf"
     hidden_dims: List[int] = field(default_factory=lambda: [64, 64, 64])  # MLP widths (2-D) or conv channels
     num_blocks: int = 1
-    activation: Activation = Activation.softplus
-    trace: Trace = Trace.exact  # exact (one VJP per dimension) | hutchinson
-    noise: Noise = Noise.gaussian  # Hutchinson noise, drawn once per solve
+    activation: str = "softplus"  # one of ACTIVATIONS
+    trace: str = "exact"  # exact (one VJP per dimension) | hutchinson
+    noise: str = "gaussian"  # Hutchinson noise (gaussian | rademacher), drawn once per solve
     time_length: float = 1.0  # each block integrates t in [0, time_length]
     kinetic_weight: float = 0.0  # RNODE: weight of the integral of |f|^2
     jacobian_weight: float = 0.0  # RNODE: weight of the integral of |df/dz|_F^2
@@ -142,7 +128,7 @@ class CNFConf:
 class Toy2DDatasetConf:
     """Toy 2-D densities (neuralode.data.toy2d); train and test sets are drawn from ``seed``."""
 
-    name: Toy2D = Toy2D["8gaussians"]
+    name: str = "8gaussians"  # a generator of neuralode.data.toy2d
     n_train: int = 100_000
     n_test: int = 10_000
     seed: int = 0
@@ -210,76 +196,90 @@ def register_configs() -> None:
 
 
 def validate(cfg) -> None:
-    """Check values the schemas cannot; raise :class:`ConfigError` naming the key."""
+    """Check what the values alone decide; raise :class:`ConfigError` naming every bad key."""
     problems = []
 
     def positive(key: str, value) -> None:
         if value is not None and not value > 0:
             problems.append(f"{key}={value} must be > 0")
 
+    def non_negative(key: str, value) -> None:
+        if value is not None and not value >= 0:
+            problems.append(f"{key}={value} must be >= 0")
+
+    def one_of(key: str, value, choices) -> None:
+        if value not in choices:
+            problems.append(f"{key}={value!r} is not one of {', '.join(choices)}")
+
     positive("rtol", cfg.rtol)
     positive("atol", cfg.atol)
     for r in cfg.eval.rtols:
         positive("eval.rtols[]", r)
-    positive("trainer.batch_size", cfg.trainer.batch_size)
-    positive("trainer.eval_batch_size", cfg.trainer.eval_batch_size)
-    positive("trainer.limit_batches", cfg.trainer.limit_batches)
-    positive("trainer.limit_eval_batches", cfg.trainer.limit_eval_batches)
-    positive("trainer.max_minutes", cfg.trainer.get("max_minutes"))
-    positive("optim.lr", cfg.optim.lr)
-    if cfg.trainer.epochs < 0:
-        problems.append(f"trainer.epochs={cfg.trainer.epochs} must be >= 0")
+    t = cfg.trainer
+    positive("trainer.batch_size", t.batch_size)
+    positive("trainer.eval_batch_size", t.eval_batch_size)
+    positive("trainer.limit_batches", t.limit_batches)
+    positive("trainer.limit_eval_batches", t.limit_eval_batches)
+    positive("trainer.max_minutes", t.get("max_minutes"))
+    non_negative("trainer.epochs", t.epochs)
+    non_negative("trainer.num_workers", t.num_workers)
+    o = cfg.optim
+    one_of("optim.name", o.name, ("sgd", "adam"))
+    positive("optim.lr", o.lr)
+    positive("optim.gamma", o.gamma)
+    non_negative("optim.momentum", o.momentum)
+    non_negative("optim.weight_decay", o.weight_decay)
+    for e in o.milestones:
+        non_negative("optim.milestones[]", e)
     s = cfg.solver
+    one_of("solver.grad", s.grad, GRADS)
     positive("solver.step_size", s.step_size)
     positive("solver.adjoint.rtol", s.adjoint.rtol)
     positive("solver.adjoint.atol", s.adjoint.atol)
-    known = ADAPTIVE_METHODS + FIXED_METHODS
-    for key, method in (("solver.method", s.method), ("solver.adjoint.method", s.adjoint.method)):
-        if method is not None and method not in known:
-            problems.append(f"{key}={method!r} is not one of {', '.join(known)}")
-    if s.method in FIXED_METHODS and s.step_size is None and "step_size" not in s.options:
-        problems.append(f"solver.method={s.method} is a fixed-step method: set solver.step_size")
-    m = cfg.model
+    m, d = cfg.model, cfg.dataset
+    image_data = d.get("channels") is not None
+    if m.get("width") is not None:  # odenet / rknet / resnet
+        positive("model.width", m.width)
+        non_negative("model.augment_dim", m.augment_dim)
+        positive("model.num_blocks", m.num_blocks)
+        if not image_data:
+            problems.append(f"model={m.name} classifies images: use dataset=mnist or dataset=cifar10, "
+                            f"not dataset={d.name}")
     if m.get("kind") is not None:  # latent_ode / rnn
-        if m.kind not in ("latent_ode", "rnn"):
-            problems.append(f"model.kind={m.kind!r} is not one of latent_ode, rnn")
-        if m.encoder not in ("gru", "odernn"):
-            problems.append(f"model.encoder={m.encoder!r} is not one of gru, odernn")
+        one_of("model.kind", m.kind, ("latent_ode", "rnn"))
+        one_of("model.encoder", m.encoder, ("gru", "odernn"))
         positive("model.obs_std", m.obs_std)
-        if cfg.dataset.get("n_obs") is None:
-            problems.append(f"model={m.name} needs a time-series dataset (spirals, periodic), "
-                            f"not dataset={cfg.dataset.get('name')}")
-        for key in ("latent_dim", "rec_hidden", "dyn_hidden", "dec_hidden"):
+        if d.get("n_obs") is None:
+            problems.append(f"model={m.name} needs a time-series dataset (spirals, periodic), not dataset={d.name}")
+        for key in ("latent_dim", "rec_hidden", "dyn_hidden", "dec_hidden", "dyn_layers"):
             positive(f"model.{key}", m[key])
     if m.name == "cnf":
+        one_of("model.trace", m.trace, TRACES)
+        one_of("model.noise", m.noise, NOISES)
+        one_of("model.activation", m.activation, ACTIVATIONS)
         positive("model.time_length", m.time_length)
         positive("model.num_blocks", m.num_blocks)
         positive("model.figure_resolution", m.figure_resolution)
         positive("model.figure_samples", m.figure_samples)
         for h in m.hidden_dims:
             positive("model.hidden_dims[]", h)
-        for key in ("kinetic_weight", "jacobian_weight"):
-            if m[key] < 0:
-                problems.append(f"model.{key}={m[key]} must be >= 0")
-        if cfg.dataset.get("channels") is None and cfg.dataset.get("n_train") is None:
-            problems.append(f"model=cnf needs a toy 2-D dataset ({', '.join(t.value for t in Toy2D)}) or an "
-                            f"image dataset (mnist, cifar10), got dataset={cfg.dataset.name}")
-    d = cfg.dataset
+        non_negative("model.kinetic_weight", m.kinetic_weight)
+        non_negative("model.jacobian_weight", m.jacobian_weight)
+        if not image_data and d.get("n_train") is None:
+            problems.append(f"model=cnf needs a toy 2-D dataset (e.g. dataset=8gaussians) or an image dataset "
+                            f"(mnist, cifar10), not dataset={d.name}")
     if d.get("n_train") is not None:  # toy 2-D
         positive("dataset.n_train", d.n_train)
         positive("dataset.n_test", d.n_test)
     if d.get("n_obs") is not None:  # time series
         positive("dataset.n_obs", d.n_obs)
         positive("dataset.n", d.n)
-        if d.noise < 0:
-            problems.append(f"dataset.noise={d.noise} must be >= 0")
+        non_negative("dataset.noise", d.noise)
         if not 0 < d.test_fraction < 1:
             problems.append(f"dataset.test_fraction={d.test_fraction} must be in (0, 1)")
         if not 0 <= d.missing_rate < 1:
             problems.append(f"dataset.missing_rate={d.missing_rate} must be in [0, 1)")
-    if cfg.optim.name not in ("sgd", "adam"):
-        problems.append(f"optim.name={cfg.optim.name!r} is not one of sgd, adam")
-    if not (cfg.device in ("auto", "cpu") or str(cfg.device).startswith("cuda")):
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
         problems.append(f"device={cfg.device!r} is not one of auto, cpu, cuda, cuda:N")
     if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+        raise ConfigError("invalid config: " + "; ".join(problems))

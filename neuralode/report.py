@@ -6,6 +6,10 @@ TensorBoard parsing. Writes ``summary.csv``, ``summary.md`` and ``summary.png``
 with PIL, which torchvision already depends on, to keep matplotlib out of the
 runtime dependencies. Hydra runs this automatically at the end of a multirun
 through :class:`SweepSummaryCallback`.
+
+Failed and interrupted jobs are rows too, with their exit code and reason; a job
+directory whose ``metrics.json`` is missing or unreadable gets a row saying so.
+NaN and infinite metrics are reported as such and left out of the plot.
 """
 
 from __future__ import annotations
@@ -23,27 +27,60 @@ from hydra.experimental.callback import Callback
 
 log = logging.getLogger("neuralode.report")
 
-COLUMNS = ["job", "overrides", "model", "method", "grad", "rtol", "atol", "test_acc", "test_loss",
-           "primary_metric", "test_primary", "nfe_forward", "nfe_backward", "time_per_iter", "train_time"]
+COLUMNS = ["job", "status", "exit_code", "overrides", "model", "method", "grad", "rtol", "atol", "test_acc",
+           "test_loss", "primary_metric", "test_primary", "nfe_forward", "nfe_backward", "time_per_iter",
+           "train_time", "error"]
+
+#: Exit code of the last multirun summarised in this process: 0 when every job completed, else
+#: the first failed job's. Set by :class:`SweepSummaryCallback`; ``neuralode-train`` exits with it.
+sweep_exit_code = 0
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """Directories of the sweep's jobs: those Hydra wrote a ``.hydra/`` into or with a metrics.json."""
+    found = {p.parent for p in sweep_dir.rglob("metrics.json")}
+    found |= {p.parent for p in sweep_dir.rglob(".hydra") if p.is_dir() and p.parent != sweep_dir}
+    return sorted(found, key=lambda d: (len(str(d)), str(d)))
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per job; a missing or unreadable metrics.json is a failed row that says so."""
     rows = []
-    for path in sweep_dir.rglob("metrics.json"):
-        m = json.loads(path.read_text())
-        job = str(path.parent.relative_to(sweep_dir))
-        rows.append({"job": job, **{k: m.get(k) for k in COLUMNS[2:]}, "overrides": " ".join(m.get("overrides", []))})
-    return sorted(rows, key=lambda r: (len(r["job"]), r["job"]))
+    for d in job_dirs(sweep_dir):
+        job = str(d.relative_to(sweep_dir))
+        try:
+            m = json.loads((d / "metrics.json").read_text())
+            if not isinstance(m, dict):
+                raise ValueError("not a JSON object")
+        except FileNotFoundError:
+            m = {"status": "failed", "error": "no metrics.json (the job did not finish or crashed)"}
+        except (OSError, ValueError) as e:
+            m = {"status": "failed", "error": f"unreadable metrics.json ({type(e).__name__}: {e})"}
+        row = {"job": job, **{k: m.get(k) for k in COLUMNS[3:]},
+               "overrides": " ".join(map(str, m.get("overrides") or []))}
+        row["status"] = m.get("status", "completed")  # metrics.json of older runs has no status
+        row["exit_code"] = m.get("exit_code", 0 if row["status"] == "completed" else None)
+        rows.append(row)
+    return rows
+
+
+def failed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r["status"] != "completed"]
 
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
-    return "" if v is None else str(v)
+    return "" if v is None else str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _number(v: Any) -> float | None:
+    """A finite float, or None (missing, NaN, infinite or not a number)."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
 def write_summary(sweep_dir: str | Path) -> list[Path]:
-    """Write the three summary files; return their paths (none when no job finished)."""
+    """Write the three summary files; return their paths (none when the directory holds no job)."""
     sweep_dir = Path(sweep_dir)
     rows = collect(sweep_dir)
     if not rows:
@@ -55,6 +92,11 @@ def write_summary(sweep_dir: str | Path) -> list[Path]:
         writer.writerows(rows)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    bad = failed(rows)
+    if bad:
+        lines += ["", f"**{len(bad)} of {len(rows)} jobs did not complete:**", ""]
+        lines += [f"- job {r['job']} ({r['status']}, exit code {_fmt(r['exit_code']) or '?'}): {_fmt(r['error'])}"
+                  for r in bad]
     md_path.write_text("\n".join(lines) + "\n")
     plot(rows, png_path)
     return [csv_path, md_path, png_path]
@@ -72,7 +114,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        if r["rtol"]:
+        if _number(r["rtol"]) and r["rtol"] > 0 and _primary(r) is not None:
             groups.setdefault(f"{r['model']} {r['method']} {r['grad']}", []).append(r)
     img = Image.new("RGB", (1000, 420), "white")
     draw = ImageDraw.Draw(img)
@@ -82,17 +124,17 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         xs = [math.log10(r["rtol"]) for r in rs]
         color = COLORS[i % len(COLORS)]
         series_acc.append((name, color, xs, [_primary(r) for r in rs], False))
-        series_nfe.append((f"{name} fwd", color, xs, [r["nfe_forward"] or 0.0 for r in rs], False))
-        series_nfe.append((f"{name} bwd", color, xs, [r["nfe_backward"] or 0.0 for r in rs], True))
+        series_nfe.append((f"{name} fwd", color, xs, [_number(r["nfe_forward"]) or 0.0 for r in rs], False))
+        series_nfe.append((f"{name} bwd", color, xs, [_number(r["nfe_backward"]) or 0.0 for r in rs], True))
     metrics = {(r["primary_metric"] or "test_acc").removeprefix("test_") for rs in groups.values() for r in rs}
     _panel(draw, (60, 30, 470, 360), f"test {' / '.join(sorted(metrics))} vs log10(rtol)", series_acc)
     _panel(draw, (560, 30, 970, 360), "NFE per iteration vs log10(rtol)", series_nfe)
     img.save(path)
 
 
-def _primary(row: dict[str, Any]) -> float:
-    value = row["test_primary"] if row["test_primary"] is not None else row["test_acc"]
-    return value or 0.0
+def _primary(row: dict[str, Any]) -> float | None:
+    """The job's primary test metric if it is a finite number."""
+    return _number(row["test_primary"] if row["test_primary"] is not None else row["test_acc"])
 
 
 def _panel(draw, box, title, series) -> None:
@@ -127,12 +169,19 @@ def _panel(draw, box, title, series) -> None:
 
 
 class SweepSummaryCallback(Callback):
-    """Hydra callback: write the summary when a multirun ends."""
+    """Hydra callback: write the summary when a multirun ends, report the jobs that failed and
+    set :data:`sweep_exit_code`."""
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
-        paths = write_summary(config.hydra.sweep.dir)
+        global sweep_exit_code
+        sweep_dir = Path(config.hydra.sweep.dir)
+        paths = write_summary(sweep_dir)
         if paths:
             log.info("sweep summary: %s", ", ".join(str(p) for p in paths))
+        bad = failed(collect(sweep_dir))
+        for r in bad:
+            log.error("job %s %s (exit code %s): %s", r["job"], r["status"], r["exit_code"], r["error"])
+        sweep_exit_code = next((int(r["exit_code"] or 1) for r in bad), 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     paths = write_summary(args.sweep_dir)
     if not paths:
-        print(f"neuralode-report: no metrics.json under {args.sweep_dir} (did any job finish?)", file=sys.stderr)
+        print(f"neuralode-report: no job directories (metrics.json or .hydra/) under {args.sweep_dir}",
+              file=sys.stderr)
         return 1
     print((args.sweep_dir / "summary.md").read_text(), end="")
     print("wrote " + ", ".join(str(p) for p in paths))

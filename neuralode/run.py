@@ -1,8 +1,14 @@
 """Every side effect of a training run in one place: logs, TensorBoard,
 progress bars, checkpoints, ``metrics.json`` and signal handling.
 
-``train.py`` only calls this object, so making side effects rank-0-only under
-DDP later is a matter of constructing it with ``enabled=False`` on other ranks.
+``train.py`` only calls this object; under DDP it is constructed with
+``enabled=False`` on every rank but 0.
+
+Checkpoints are loaded with ``torch.load(weights_only=True)``: they hold tensors
+and plain containers only (the config is stored as plain dicts and strings), so
+loading one cannot run code. Checkpoints written before ``format`` 2 pickled the
+config's choice enums (``neuralode.config.Grad`` and friends); those, and only
+those, are read back as plain strings (:data:`LEGACY_ENUMS`).
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import random
+import re
 import signal
 import sys
 from pathlib import Path
@@ -23,6 +31,27 @@ from tqdm import tqdm
 log = logging.getLogger("neuralode")
 
 CKPT_NAME = "checkpoints/last.pt"
+CKPT_FORMAT = 2  # 1: the config held pickled enums; 2: plain containers and strings
+
+
+class CheckpointError(ValueError):
+    """A resume target that is missing, unreadable, unsafe or from another setup."""
+
+
+class OutputError(RuntimeError):
+    """The run directory cannot be written (read-only, disk full)."""
+
+
+def _legacy_enum(value: Any) -> str:
+    """Stands in for an enum class of a format-1 checkpoint: the member's value, a string."""
+    if not isinstance(value, str):
+        raise pickle.UnpicklingError(f"expected a string enum value, got {type(value).__name__}")
+    return value
+
+
+LEGACY_ENUMS = [(_legacy_enum, name) for name in (
+    "neuralode.config.Grad", "neuralode.config.Activation", "neuralode.models.cnf.Trace",
+    "neuralode.models.cnf.Noise", "neuralode.data.toy2d.Toy2D")]
 
 
 class Run:
@@ -32,11 +61,20 @@ class Run:
         self.show_progress = progress and enabled and sys.stdout.isatty()
         self.stop_signal: int | None = None
         self.ckpt_path = self.out_dir / CKPT_NAME
-        self._writer = None
-        if enabled:
+        self._tb = None
+
+    @property
+    def _writer(self):
+        """The TensorBoard writer, created on first use so that a run refused before any
+        work leaves no event file."""
+        if self._tb is None and self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.out_dir / "tb"))
+            try:
+                self._tb = SummaryWriter(str(self.out_dir / "tb"))
+            except OSError as e:
+                raise OutputError(_cannot_write(self.out_dir / "tb", e)) from None
+        return self._tb
 
     # -- logging ---------------------------------------------------------------
     def scalars(self, values: dict[str, float], step: int) -> None:
@@ -66,14 +104,15 @@ class Run:
             self._writer.add_text(tag, text, step)
 
     def flush(self) -> None:
-        if self._writer:
-            self._writer.flush()
+        if self._tb:
+            self._tb.flush()
 
     def close(self) -> None:
-        if self._writer:
-            self._writer.close()
+        if self._tb:
+            self._tb.close()
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
+        """Non-finite floats are written as ``NaN``/``Infinity``, which Python's json reads back."""
         if self.enabled:
             _atomic_write(self.out_dir / name, lambda f: f.write(json.dumps(data, indent=2).encode()))
 
@@ -89,23 +128,43 @@ class Run:
 
     # -- checkpoints -----------------------------------------------------------
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        """Atomically replace ``checkpoints/last.pt``; a crash mid-write keeps the old one."""
+        """Atomically replace ``checkpoints/last.pt``; a crash or a full disk mid-write keeps
+        the old one and leaves no temporary file."""
         if not self.enabled:
             return
-        state = dict(state, rng=rng_state())
-        self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        state = dict(state, format=CKPT_FORMAT, rng=rng_state())
         _atomic_write(self.ckpt_path, lambda f: torch.save(state, f))
 
     @staticmethod
     def load_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any]]:
-        """Load a checkpoint from a file or a run directory; restore the RNG states."""
+        """Read a checkpoint from a file or a run directory, without executing anything in it.
+        Raises :class:`CheckpointError` saying what is wrong with the file."""
         path = Path(path).expanduser()
         if path.is_dir():
             path = path / CKPT_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"resume: no checkpoint at {path} (give a run directory or a .pt file)")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        set_rng_state(state["rng"])
+            raise CheckpointError(f"resume={path}: no checkpoint there; give a run directory or a .pt file")
+        try:
+            with torch.serialization.safe_globals(LEGACY_ENUMS):
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            reason = _first_line(e.__context__ or e).split(". Please")[0]  # torch wraps the unpickler's reason
+            if re.search(r"global|reduce|new object", reason, re.IGNORECASE):
+                raise CheckpointError(f"resume={path}: refusing to load it, it holds objects other than tensors "
+                                      f"and plain data ({reason}); only resume from checkpoints neuralode-train "
+                                      "wrote") from None
+            raise CheckpointError(f"resume={path}: cannot read it ({reason}); the file is damaged or not a "
+                                  "checkpoint: resume from another run directory or start afresh") from None
+        except (OSError, RuntimeError, EOFError, ValueError) as e:
+            raise CheckpointError(f"resume={path}: cannot read it ({_first_line(e)}); the file is truncated or not "
+                                  "a checkpoint: resume from another run directory or start afresh") from None
+        if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "epoch", "step"} <= state.keys():
+            raise CheckpointError(f"resume={path}: not a neuralode-train checkpoint (missing model, optimizer, "
+                                  "scheduler or counters)")
+        fmt = state.get("format", 1)
+        if not isinstance(fmt, int) or fmt > CKPT_FORMAT:
+            raise CheckpointError(f"resume={path}: checkpoint format {fmt!r} is not one this neuralode reads "
+                                  f"(1..{CKPT_FORMAT}); a newer neuralode wrote it, or it is damaged")
         return path, state
 
     # -- signals ---------------------------------------------------------------
@@ -146,9 +205,31 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _atomic_write(path: Path, write) -> None:
+    """Write to ``<path>.tmp`` and rename it over ``path``; on failure remove the temporary file
+    and raise :class:`OutputError`."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OutputError(_cannot_write(path, e)) from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _cannot_write(path: Path, e: OSError) -> str:
+    return (f"cannot write {path} ({e.strerror or e}); free some space or choose a writable run directory "
+            "with hydra.run.dir=...")

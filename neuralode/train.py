@@ -1,63 +1,222 @@
-"""``neuralode-train``: train a model chosen by config, log NFE and accuracy.
+"""``neuralode-train``: train a model chosen by config, log NFE and the task's metrics.
 
-Reads top to bottom: validate config, build task and data, optionally resume,
-train with per-epoch evaluation and checkpoints, then evaluate the test set at
-several tolerances and write the final metrics. All side effects go through
-:class:`neuralode.run.Run`.
+:func:`train` runs one job through named phases, top to bottom:
 
-Under ``torchrun`` every rank runs this same script: DDP averages gradients,
-each rank trains on its share of the global batch, metrics and NFE are averaged
-over ranks before rank 0 logs them (see :mod:`neuralode.distributed`).
+1. :func:`configure`: check every value, the solver settings, the device and the output
+   directory before any work (a bad one exits 2 naming the key);
+2. :func:`set_up`: task, model, data loaders, optimizer;
+3. :func:`resume`: restore a checkpoint (``resume=`` or a torchrun restart), refusing one from
+   another setup;
+4. :func:`train_epoch` then :func:`end_of_epoch`, once per epoch: test metrics, checkpoint,
+   stop checks;
+5. :func:`tolerance_sweep`: the test set at each ``eval.rtols`` value;
+6. :func:`finish`: ``metrics.json`` and the HParams table.
 
-Exit codes: 0 done, 2 bad config or missing data, 3 solver failure,
-4 non-finite loss, 128+signal when interrupted (130 SIGINT, 143 SIGTERM).
+SIGINT/SIGTERM are caught for the whole run. Whatever ends a run early becomes one
+:class:`Stop` (exit code and one-line reason, see :func:`as_stop`), and ``metrics.json`` then
+records the status, the exit code, the reason and the metrics computed so far. Exit codes: 0 done,
+2 bad config value, data, resume target, device or output directory, 3 solver failure,
+4 non-finite loss, weights or solver state, 128+signal when interrupted (130 SIGINT,
+143 SIGTERM), 1 a bug (with its traceback). In a multirun a failed job is recorded and the
+sweep goes on; the multirun exits with the first failed job's code.
+
+Under ``torchrun`` every rank runs this same script: DDP averages gradients, each rank trains
+on its share of the global batch, metrics and NFE are averaged over ranks before rank 0 logs
+them (see :mod:`neuralode.distributed`).
+
+The model zoo (``neuralode.tasks``, ``neuralode.models``, torchvision) is imported only when a
+run starts, so ``--help`` and ``--cfg job`` stay fast.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import signal
 import sys
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from neuralode import NonFiniteError, SolverError, ToleranceError, record_stats
+from neuralode import preflight
 from neuralode.config import ConfigError, register_configs, validate
 from neuralode.data import DataError, EpochSampler
 from neuralode.distributed import Distributed, mean_over, torchrun_argv
-from neuralode.models import ODEBlock, solver_overrides
-from neuralode.run import Run, rng_state, set_rng_state
-from neuralode.tasks import Task, build_task
+from neuralode.run import CheckpointError, OutputError, Run, rng_state, set_rng_state
 
 log = logging.getLogger("neuralode.train")
 register_configs()
 
 
-class TrainingStopped(Exception):
-    def __init__(self, message: str, exit_code: int):
+class Stop(Exception):
+    """Ends a run early: the exit code, and a one-line reason for the log and metrics.json."""
+
+    def __init__(self, exit_code: int, message: str, status: str = "failed"):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code, self.status = exit_code, status
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch.to(device, non_blocking=True) if torch.is_tensor(batch) else batch
+@dataclass
+class Job:
+    """What the phases share: the run's objects and its progress counters."""
+
+    cfg: DictConfig
+    dist: Distributed
+    run: Run
+    device: torch.device
+    task: Any = None
+    model: torch.nn.Module | None = None
+    sampler: EpochSampler | None = None
+    train_loader: DataLoader | None = None
+    test_loader: DataLoader | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    epoch: int = 0  # epochs completed
+    start_batch: int = 0  # batches of the current epoch already done (mid-epoch resume)
+    step: int = 0  # optimizer steps taken
+    phase: str = "set-up"  # named in solver-failure messages
+    history: dict[str, float] = field(default_factory=dict)  # test metrics of the last epoch
+    tol_rows: list[dict[str, float]] = field(default_factory=list)
+    iter_times: list[float] = field(default_factory=list)
+    train_start: float = 0.0  # time.perf_counter() when the epoch loop started
+    train_time: float = 0.0
 
 
-def batch_size(batch: Any) -> int:
-    """Samples in a batch: a tuple's first tensor, or a dict's first tensor with a batch axis."""
-    if isinstance(batch, dict):
-        return next(len(v) for v in batch.values() if torch.is_tensor(v) and v.ndim >= 2)
-    return len(batch[0])
+@dataclass
+class Epoch:
+    """What one pass over the training set measured, for :func:`end_of_epoch`."""
+
+    sums: dict[str, float]  # per-iteration values summed: loss, nfe_f, nfe_b and the task's metrics
+    seen: int  # iterations
+    seconds: float
+
+
+# -- the job -------------------------------------------------------------------------------------
+def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = (), traceback: bool = False) -> int:
+    """Run one job (one rank of it under torchrun) writing into ``run_dir``; return its exit code.
+
+    Never raises for a failed run: the reason is logged in one line (with the traceback when
+    ``traceback`` is set, or for an unexpected error) and written to ``metrics.json``."""
+    dist = Distributed.from_env()
+    if not dist.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 reports progress; other ranks only problems
+    run = Run(run_dir, progress=cfg.trainer.progress, enabled=dist.is_main)
+    job = None
+    try:
+        with run.stop_on_signals():
+            device = configure(cfg, dist, run)
+            job = Job(cfg, dist, run, device)
+            dist.init(device)
+            set_up(job)
+            resume(job)
+            job.train_start = time.perf_counter()
+            while job.epoch < cfg.trainer.epochs:
+                epoch = train_epoch(job)
+                if not end_of_epoch(job, epoch):
+                    break
+            job.train_time = time.perf_counter() - job.train_start
+            tolerance_sweep(job)
+            finish(job, overrides)
+        return 0
+    except Exception as e:  # noqa: BLE001  (every failure becomes an exit code and a metrics.json entry)
+        stop = as_stop(e, job)
+        if stop.exit_code == 1 or traceback:
+            log.exception("%s", stop)
+        elif stop.status == "interrupted":
+            log.warning("%s", stop)
+        else:
+            log.error("%s", stop)
+        record_failure(run, job, cfg, overrides, stop)
+        return stop.exit_code
+    finally:
+        run.close()
+        dist.close()
+
+
+def as_stop(e: Exception, job: Job | None) -> Stop:
+    """The exit code and one-line reason of whatever ended the run."""
+    if isinstance(e, Stop):
+        return e
+    if isinstance(e, (ConfigError, DataError, CheckpointError, OutputError)):
+        return Stop(2, str(e))
+    where = ("before training" if job is None else f"at iteration {job.step + 1}" if job.phase == "training"
+             else f"during {job.phase} (after step {job.step})")
+    last = f"; last good checkpoint: {_last(job.run)}" if job else ""
+    if isinstance(e, ToleranceError):  # a tolerance the state's dtype cannot resolve: a bad value
+        return Stop(2, f"rtol={job.cfg.rtol if job else '?'}, atol={job.cfg.atol if job else '?'} cannot be used "
+                       f"{where}: {e}; raise rtol/atol (or eval.rtols)")
+    if isinstance(e, NonFiniteError):
+        return Stop(4, f"non-finite solver state {where}: {e}{last}")
+    if isinstance(e, SolverError):
+        return Stop(3, f"solver failed {where}: {e}{last}")
+    return Stop(1, f"unexpected error {where}: {type(e).__name__}: {e}")
+
+
+def record_failure(run: Run, job: Job | None, cfg: DictConfig, overrides: Sequence[str], stop: Stop) -> None:
+    """metrics.json of a failed or interrupted run: status, exit code, reason, metrics so far."""
+    try:
+        if job is not None and job.task is not None:
+            write_metrics(job, overrides, status=stop.status, exit_code=stop.exit_code, error=str(stop))
+        else:
+            run.write_json("metrics.json", {"status": stop.status, "exit_code": stop.exit_code, "error": str(stop),
+                                            "overrides": list(overrides), **run_keys(cfg)})
+    except OutputError as e:  # the failure itself is logged already
+        log.warning("%s", e)
+
+
+# -- 1. configure --------------------------------------------------------------------------------
+def configure(cfg: DictConfig, dist: Distributed, run: Run) -> torch.device:
+    """Every check that can fail before work starts; returns the device."""
+    validate(cfg)
+    if cfg.trainer.batch_size % dist.world_size:
+        raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} is the global batch and must be divisible "
+                          f"by the {dist.world_size} ranks")
+    preflight.check_dataset(cfg)
+    preflight.check_solver(cfg)
+    preflight.check_device(cfg.device)
+    if dist.is_main:
+        preflight.check_writable(run.out_dir)
+    return dist.device(cfg.device)
+
+
+# -- 2. set-up -----------------------------------------------------------------------------------
+def set_up(job: Job) -> None:
+    from neuralode.tasks import build_task  # the model zoo, only once a run starts
+
+    cfg, dist, run = job.cfg, job.dist, job.run
+    log.info("output directory: %s", run.out_dir)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    job.task = build_task(cfg)
+    job.model = job.task.model.to(job.device)
+    log.info("model %s: %.3fM parameters, device %s", cfg.model.name,
+             sum(p.numel() for p in job.model.parameters()) / 1e6, job.device)
+    if dist.enabled:
+        random.seed(cfg.seed + dist.rank)  # distinct noise per rank (Hutchinson, dequantisation, crops)
+        torch.manual_seed(cfg.seed + dist.rank)
+        log.info("DDP: %d ranks (%s), %d samples per rank per step", dist.world_size,
+                 torch.distributed.get_backend(), cfg.trainer.batch_size // dist.world_size)
+    train_set, test_set = job.task.datasets()
+    t = cfg.trainer
+    shard = dict(rank=dist.rank, world_size=dist.world_size)
+    job.sampler = EpochSampler(len(train_set), cfg.seed, **shard)
+    collate = getattr(job.task, "collate_fn", None)  # tasks with dict batches (latent_ode) bring their own
+    job.train_loader = DataLoader(train_set, t.batch_size // dist.world_size, sampler=job.sampler,
+                                  num_workers=t.num_workers, pin_memory=job.device.type == "cuda",
+                                  collate_fn=collate)
+    job.test_loader = DataLoader(test_set, t.eval_batch_size, num_workers=t.num_workers, collate_fn=collate,
+                                 sampler=EpochSampler(len(test_set), 0, shuffle=False, equal_shards=False, **shard))
+    job.optimizer, job.scheduler = build_optimizer(cfg, job.model)
+    check_stop(job)
 
 
 def build_optimizer(cfg: DictConfig, model: torch.nn.Module):
@@ -70,13 +229,181 @@ def build_optimizer(cfg: DictConfig, model: torch.nn.Module):
     return opt, sched
 
 
+# -- 3. resume -----------------------------------------------------------------------------------
+def resume(job: Job) -> None:
+    """Continue from ``resume=`` or, after a torchrun restart, from this run's own checkpoint."""
+    cfg, dist, run = job.cfg, job.dist, job.run
+    target = cfg.resume
+    if target is None and dist.restart_count > 0 and run.ckpt_path.exists():
+        target = str(run.ckpt_path)  # torchrun restarted the workers after a failure
+    if target:
+        path, state = Run.load_checkpoint(target)
+        check_compatible(job, path, state)
+        try:
+            job.model.load_state_dict(state["model"])
+            job.optimizer.load_state_dict(state["optimizer"])
+            job.scheduler.load_state_dict(state["scheduler"])
+            job.epoch, job.start_batch, job.step = int(state["epoch"]), int(state.get("batch", 0)), int(state["step"])
+            job.history = {k: float(v) for k, v in state.get("history", {}).items()}
+            ranks = state.get("rng_ranks", [])
+            set_rng_state(ranks[dist.rank] if len(ranks) == dist.world_size else state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"resume={path}: the checkpoint is damaged ({type(e).__name__}: {e}); "
+                                  "resume from another run directory or start afresh") from None
+        log.info("resumed from %s at epoch %d, batch %d, step %d", path, job.epoch + 1, job.start_batch, job.step)
+    job.task.net = dist.wrap(job.model, job.device)
+    t = cfg.trainer
+    if job.epoch < t.epochs:
+        log.info("training: epochs %d-%d, %d batches per epoch", job.epoch + 1, t.epochs,
+                 min(len(job.train_loader), t.limit_batches or len(job.train_loader)))
+
+
+# Keys whose change makes a checkpoint's weights or optimizer state meaningless for this run.
+SETUP_KEYS = ("model", "optim.name", "dataset.name", "dataset.channels", "dataset.image_size",
+              "dataset.num_classes")
+# Model keys that only change logging or the loss weighting, not the parameters.
+FREE_MODEL_KEYS = {"n_figures", "figure_resolution", "figure_samples", "kl_weight", "obs_std", "kinetic_weight",
+                   "jacobian_weight", "trace", "noise"}
+
+
+def check_compatible(job: Job, path: Path, state: dict[str, Any]) -> None:
+    """Refuse, before training, a checkpoint of another model, width or optimizer, naming the
+    keys that differ."""
+    config = state.get("config")
+    saved = OmegaConf.create(config if isinstance(config, dict) else {})
+    here = job.cfg
+    differ = []
+    for key in SETUP_KEYS:
+        a, b = OmegaConf.select(saved, key), OmegaConf.select(here, key)
+        if key == "model" and a is not None and b is not None:
+            a, b = OmegaConf.to_container(a), OmegaConf.to_container(b)
+            differ += [f"model.{k}={a.get(k)!r} there, {b.get(k)!r} here" for k in dict.fromkeys([*a, *b])
+                       if k not in FREE_MODEL_KEYS and a.get(k) != b.get(k)]
+        elif a is not None and a != b:
+            differ.append(f"{key}={a!r} there, {b!r} here")
+    mine = {k: tuple(v.shape) for k, v in job.model.state_dict().items()}
+    theirs = ({k: tuple(getattr(v, "shape", ())) for k, v in state["model"].items()}
+              if isinstance(state["model"], dict) else {})
+    if mine != theirs and not differ:
+        diff = sorted(set(mine.items()) ^ set(theirs.items()))
+        differ.append(f"model parameters differ (first: {diff[0][0]})")
+    if differ:
+        raise CheckpointError(f"resume={path}: the checkpoint is from another setup ({'; '.join(differ)}); "
+                              "resume with the settings it was trained with, or drop resume= to start afresh")
+
+
+# -- 4. the epoch loop ---------------------------------------------------------------------------
+def train_epoch(job: Job) -> Epoch:
+    dist, run, t = job.dist, job.run, job.cfg.trainer
+    model, task, optimizer = job.model, job.task, job.optimizer
+    job.phase = "training"
+    model.train()
+    job.sampler.set_epoch(job.epoch, start=job.start_batch * t.batch_size)
+    n_batches = len(job.train_loader) + job.start_batch
+    if t.limit_batches is not None:
+        n_batches = min(n_batches, t.limit_batches)
+    sums = {"loss": 0.0, "nfe_f": 0.0, "nfe_b": 0.0}  # + the task's metrics
+    seen = 0
+    epoch_start = time.perf_counter()
+    with run.progress(job.train_loader, n_batches - job.start_batch, f"epoch {job.epoch + 1}/{t.epochs}") as bar:
+        for i, batch in enumerate(bar, start=job.start_batch):
+            if i >= n_batches:
+                break
+            tic = time.perf_counter()
+            batch = to_device(batch, job.device)
+            with record_stats() as stats:
+                loss, metrics = task.loss(batch)
+                losses = dist.gather(loss.item())  # agree before backward, where DDP syncs
+                if not all(map(math.isfinite, losses)):
+                    raise Stop(4, f"loss is {losses[0] if len(losses) == 1 else f'{losses} (per rank)'} at "
+                                  f"iteration {job.step + 1} (epoch {job.epoch + 1}, batch {i + 1}); stopping. "
+                                  f"Last good checkpoint: {_last(run)}; try a smaller optim.lr")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            optimizer.step()
+            job.step += 1
+            local = {"loss": losses[dist.rank], **metrics, "nfe_f": stats.nfe_forward, "nfe_b": stats.nfe_backward}
+            ranks = dist.gather((local, run.stop_signal))
+            values = mean_over([v for v, _ in ranks])
+            stop = next((s for _, s in ranks if s is not None), None)
+            dt = time.perf_counter() - tic
+            job.iter_times.append(dt)
+            run.scalars({"train/loss": values["loss"], **{f"train/{k}": v for k, v in metrics.items()},
+                         "nfe/forward": values["nfe_f"], "nfe/backward": values["nfe_b"], "time/iter": dt}, job.step)
+            seen += 1
+            for k in metrics:
+                sums.setdefault(k, 0.0)
+            for k in sums:
+                sums[k] += values.get(k, 0.0)
+            bar.set_postfix({k: f"{v / seen:.3g}" for k, v in sums.items()}, refresh=False)
+            if stop is not None:
+                checkpoint(job, job.epoch, i + 1)
+                run.flush()
+                raise interrupted(job, stop)
+    return Epoch(sums, seen, time.perf_counter() - epoch_start)
+
+
+def end_of_epoch(job: Job, epoch: Epoch) -> bool:
+    """Test metrics, logs, checkpoint; False when the wall-clock budget says stop."""
+    dist, run, t = job.dist, job.run, job.cfg.trainer
+    job.phase = f"evaluation after epoch {job.epoch + 1}"
+    sums, seen = epoch.sums, epoch.seen
+    lr = job.optimizer.param_groups[0]["lr"]
+    job.scheduler.step()
+    test = evaluate(job.task, job.test_loader, t.limit_eval_batches, job.device, dist)
+    means = {k: v / max(seen, 1) for k, v in sums.items()}
+    run.scalars({**{f"train/{k}_epoch": v for k, v in means.items() if k not in ("nfe_f", "nfe_b")},
+                 "nfe/forward_epoch": means["nfe_f"], "nfe/backward_epoch": means["nfe_b"],
+                 **{f"test/{k}": v for k, v in test.items()}, "time/epoch": epoch.seconds, "lr": lr}, job.step)
+    run.figures(job.task, job.step)
+    job.history = {**{f"test_{k}": v for k, v in test.items() if k != "nfe_forward"},
+                   "nfe_forward": means["nfe_f"], "nfe_backward": means["nfe_b"],
+                   "time_per_iter": epoch.seconds / max(seen, 1)}
+    named = lambda d, skip: " ".join(f"{k} {v:.4f}" for k, v in d.items() if k not in skip)  # noqa: E731
+    log.info("epoch %d/%d: train loss %.4f %s | test loss %.4f %s | nfe fwd %.1f bwd %.1f | %.2f s/iter",
+             job.epoch + 1, t.epochs, means["loss"], named(means, ("loss", "nfe_f", "nfe_b")), test["loss"],
+             named(test, ("loss", "nfe_forward")), means["nfe_f"], means["nfe_b"], job.history["time_per_iter"])
+    job.epoch, job.start_batch = job.epoch + 1, 0
+    checkpoint(job, job.epoch, 0)
+    run.flush()
+    check_stop(job)
+    if t.get("max_minutes") and dist.gather(time.perf_counter() - job.train_start)[0] > 60 * t.max_minutes:
+        log.info("trainer.max_minutes=%g reached after epoch %d; stopping", t.max_minutes, job.epoch)
+        return False
+    return True
+
+
+def checkpoint(job: Job, epoch: int, batch: int) -> None:
+    """Save the run's state; a collective, so every rank calls it. Non-finite weights are never saved."""
+    if not bool(torch.stack([torch.isfinite(p).all() for p in job.model.parameters()]).all()):  # one sync
+        raise Stop(4, f"the weights are not finite after step {job.step} (epoch {epoch + (batch > 0)}); stopping "
+                      f"without overwriting the last good checkpoint ({_last(job.run)}); try a smaller optim.lr")
+    rng_ranks = job.dist.gather(rng_state())
+    job.run.save_checkpoint(dict(model=job.model.state_dict(), optimizer=job.optimizer.state_dict(),
+                                 scheduler=job.scheduler.state_dict(), epoch=epoch, batch=batch, step=job.step,
+                                 history=job.history, rng_ranks=rng_ranks,
+                                 config=OmegaConf.to_container(job.cfg, resolve=True, enum_to_str=True)))
+
+
+def check_stop(job: Job) -> None:
+    """Stop here when any rank received SIGINT/SIGTERM (a collective, so ranks stop together)."""
+    stop = next((s for s in job.dist.gather(job.run.stop_signal) if s is not None), None)
+    if stop is not None:
+        raise interrupted(job, stop)
+
+
+def interrupted(job: Job, signum: int) -> Stop:
+    saved = f"checkpoint {job.run.ckpt_path}; continue with resume={job.run.out_dir}" if job.run.ckpt_path.exists() \
+        else "no checkpoint yet"
+    return Stop(128 + signum, f"interrupted by {signal.Signals(signum).name} during {job.phase} at step "
+                              f"{job.step}; {saved}", status="interrupted")
+
+
 @torch.no_grad()
-def evaluate(task: Task, loader: DataLoader, limit: int | None, device: torch.device,
+def evaluate(task: Any, loader: DataLoader, limit: int | None, device: torch.device,
              dist: Distributed) -> dict[str, float]:
     """Sample-weighted mean loss and metrics over the test set (every rank's shard), plus
     mean forward NFE per batch."""
-    from neuralode import record_stats
-
     task.model.eval()
     totals: dict[str, float] = {}
     n = batches = nfe = 0
@@ -99,222 +426,92 @@ def evaluate(task: Task, loader: DataLoader, limit: int | None, device: torch.de
     return out
 
 
-def train(cfg: DictConfig) -> int:
-    """Run one job (one rank of it under torchrun); return its exit code."""
-    try:
-        validate(cfg)
-    except ConfigError as e:
-        log.error("%s", e)
-        return 2
-    dist = Distributed.from_env()
-    if not dist.is_main:
-        logging.getLogger().setLevel(logging.WARNING)  # rank 0 reports progress; other ranks only problems
-    if cfg.trainer.batch_size % dist.world_size:
-        log.error("trainer.batch_size=%d is the global batch and must be divisible by the %d ranks",
-                  cfg.trainer.batch_size, dist.world_size)
-        return 2
-    device = dist.device(cfg.device)
-    dist.init(device)
-    try:
-        return fit(cfg, dist, device)
-    finally:
-        dist.close()
+# -- 5. test-time tolerance ----------------------------------------------------------------------
+def tolerance_sweep(job: Job) -> None:
+    """The test set at each ``eval.rtols`` value (atol scaled alike), for every model that solves
+    an ODE anywhere (ODE blocks, CNF blocks, latent dynamics, ODE-RNN encoders)."""
+    from neuralode.models import solver_overrides, uses_solver
+
+    cfg = job.cfg
+    if not cfg.eval.rtols or not uses_solver(job.model):
+        return
+    key = job.task.primary_metric  # acc for classifiers, nll / bpd for flows, rmse_extrap for latent ODEs
+    for r in cfg.eval.rtols:
+        job.phase = f"tolerance sweep at rtol={r:g}"
+        check_stop(job)
+        with solver_overrides(job.model, rtol=r, atol=r * cfg.atol / cfg.rtol):
+            res = evaluate(job.task, job.test_loader, cfg.trainer.limit_eval_batches, job.device, job.dist)
+        value = res.get(key, float("nan"))
+        job.tol_rows.append({"rtol": r, key: value, "nfe_forward": res["nfe_forward"]})
+        job.run.scalars({f"tol_eval/{key}/rtol={r:g}": value, f"tol_eval/nfe_forward/rtol={r:g}": res["nfe_forward"]},
+                        job.step)
+        log.info("test at rtol=%g: %s %.4f, forward NFE %.1f", r, key, value, res["nfe_forward"])
+    check_stop(job)
 
 
-def fit(cfg: DictConfig, dist: Distributed, device: torch.device) -> int:
-    from neuralode import SolverError, record_stats
+# -- 6. finish -----------------------------------------------------------------------------------
+def finish(job: Job, overrides: Sequence[str]) -> None:
+    job.phase = "finish"
+    final = final_metrics(job)
+    job.run.hparams({**hparams_of(job.cfg), **job.task.hparams()},
+                    {f"final/{k}": v for k, v in final.items() if v is not None}, job.step)
+    write_metrics(job, overrides, status="completed", exit_code=0)
 
-    # -- set-up ----------------------------------------------------------------
-    hydra_cfg = HydraConfig.get()
-    run = Run(hydra_cfg.runtime.output_dir, progress=cfg.trainer.progress, enabled=dist.is_main)
-    log.info("output directory: %s", run.out_dir)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
 
-    task = build_task(cfg)
-    model = task.model.to(device)
-    log.info("model %s: %.3fM parameters, device %s", cfg.model.name,
-             sum(p.numel() for p in model.parameters()) / 1e6, device)
-    if dist.enabled:
-        random.seed(cfg.seed + dist.rank)  # distinct noise per rank (Hutchinson, dequantisation, crops)
-        torch.manual_seed(cfg.seed + dist.rank)
-        log.info("DDP: %d ranks (%s), %d samples per rank per step", dist.world_size,
-                 torch.distributed.get_backend(), cfg.trainer.batch_size // dist.world_size)
-    try:
-        train_set, test_set = task.datasets()
-    except DataError as e:
-        log.error("%s", e)
-        return 2
-    t = cfg.trainer
-    shard = dict(rank=dist.rank, world_size=dist.world_size)
-    sampler = EpochSampler(len(train_set), cfg.seed, **shard)
-    collate = getattr(task, "collate_fn", None)  # tasks with dict batches (latent_ode) bring their own
-    train_loader = DataLoader(train_set, t.batch_size // dist.world_size, sampler=sampler,
-                              num_workers=t.num_workers, pin_memory=device.type == "cuda", collate_fn=collate)
-    test_loader = DataLoader(test_set, t.eval_batch_size, num_workers=t.num_workers, collate_fn=collate,
-                             sampler=EpochSampler(len(test_set), 0, shuffle=False, equal_shards=False, **shard))
-    optimizer, scheduler = build_optimizer(cfg, model)
+def final_metrics(job: Job) -> dict[str, Any]:
+    return dict(job.history, train_time=job.train_time,
+                time_per_iter=(sum(job.iter_times) / len(job.iter_times) if job.iter_times
+                               else job.history.get("time_per_iter")))
 
-    epoch, start_batch, step = 0, 0, 0
-    resume = cfg.resume
-    if resume is None and dist.restart_count > 0 and run.ckpt_path.exists():
-        resume = str(run.ckpt_path)  # torchrun restarted the workers after a failure
-    if resume:
-        path, state = Run.load_checkpoint(resume)
-        if len(state.get("rng_ranks", [])) == dist.world_size:
-            set_rng_state(state["rng_ranks"][dist.rank])
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
-        log.info("resumed from %s at epoch %d, batch %d, step %d", path, epoch + 1, start_batch, step)
-    task.net = dist.wrap(model, device)
 
-    def checkpoint(epoch: int, batch: int) -> None:
-        rng_ranks = dist.gather(rng_state())  # a collective: every rank calls checkpoint()
-        run.save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                 scheduler=scheduler.state_dict(), epoch=epoch, batch=batch, step=step,
-                                 rng_ranks=rng_ranks, config=OmegaConf.to_container(cfg, resolve=True)))
-
-    def stop_signal() -> int | None:
-        """The first signal any rank received, so all ranks stop at the same point."""
-        return next((s for s in dist.gather(run.stop_signal) if s is not None), None)
-
-    # -- training --------------------------------------------------------------
-    history: dict[str, float] = {}
-    iter_times: list[float] = []
-    train_start = time.perf_counter()
-    try:
-        with run.stop_on_signals():
-            log.info("training: epochs %d-%d, %d batches per epoch", epoch + 1, t.epochs,
-                     min(len(train_loader), t.limit_batches or len(train_loader)))
-            while epoch < t.epochs:
-                model.train()
-                sampler.set_epoch(epoch, start=start_batch * t.batch_size)
-                n_batches = len(train_loader) + start_batch
-                if t.limit_batches is not None:
-                    n_batches = min(n_batches, t.limit_batches)
-                sums = {"loss": 0.0, "nfe_f": 0.0, "nfe_b": 0.0}  # + the task's metrics
-                seen = 0
-                epoch_start = time.perf_counter()
-                with run.progress(train_loader, n_batches - start_batch, f"epoch {epoch + 1}/{t.epochs}") as bar:
-                    for i, batch in enumerate(bar, start=start_batch):
-                        if i >= n_batches:
-                            break
-                        tic = time.perf_counter()
-                        batch = to_device(batch, device)
-                        with record_stats() as stats:
-                            loss, metrics = task.loss(batch)
-                            losses = dist.gather(loss.item())  # agree before backward, where DDP syncs
-                            if not all(map(math.isfinite, losses)):
-                                raise TrainingStopped(
-                                    f"loss is {losses[0] if len(losses) == 1 else f'{losses} (per rank)'} at "
-                                    f"iteration {step + 1} (epoch {epoch + 1}, batch {i + 1}); stopping", 4)
-                            optimizer.zero_grad(set_to_none=True)
-                            loss.backward()
-                        optimizer.step()
-                        step += 1
-                        local = {"loss": losses[dist.rank], **metrics,
-                                 "nfe_f": stats.nfe_forward, "nfe_b": stats.nfe_backward}
-                        ranks = dist.gather((local, run.stop_signal))
-                        values = mean_over([v for v, _ in ranks])
-                        stop = next((s for _, s in ranks if s is not None), None)
-                        dt = time.perf_counter() - tic
-                        iter_times.append(dt)
-                        run.scalars({"train/loss": values["loss"], **{f"train/{k}": v for k, v in metrics.items()},
-                                     "nfe/forward": values["nfe_f"], "nfe/backward": values["nfe_b"],
-                                     "time/iter": dt}, step)
-                        seen += 1
-                        for k in metrics:
-                            sums.setdefault(k, 0.0)
-                        for k in sums:
-                            sums[k] += values.get(k, 0.0)
-                        bar.set_postfix({k: f"{v / seen:.3g}" for k, v in sums.items()}, refresh=False)
-                        if stop is not None:
-                            checkpoint(epoch, i + 1)
-                            log.warning("interrupted at step %d; checkpoint %s", step, run.ckpt_path)
-                            run.flush()
-                            return 128 + stop
-
-                epoch_time = time.perf_counter() - epoch_start
-                lr = optimizer.param_groups[0]["lr"]
-                scheduler.step()
-                test = evaluate(task, test_loader, t.limit_eval_batches, device, dist)
-                means = {k: v / max(seen, 1) for k, v in sums.items()}
-                run.scalars({**{f"train/{k}_epoch": v for k, v in means.items() if k not in ("nfe_f", "nfe_b")},
-                             "nfe/forward_epoch": means["nfe_f"], "nfe/backward_epoch": means["nfe_b"],
-                             **{f"test/{k}": v for k, v in test.items()},
-                             "time/epoch": epoch_time, "lr": lr}, step)
-                run.figures(task, step)
-                history = {**{f"test_{k}": v for k, v in test.items() if k != "nfe_forward"},
-                           "nfe_forward": means["nfe_f"], "nfe_backward": means["nfe_b"],
-                           "time_per_iter": epoch_time / max(seen, 1)}
-                named = lambda d, skip: " ".join(f"{k} {v:.4f}" for k, v in d.items() if k not in skip)
-                log.info("epoch %d/%d: train loss %.4f %s | test loss %.4f %s | nfe fwd %.1f bwd %.1f | %.2f s/iter",
-                         epoch + 1, t.epochs, means["loss"], named(means, ("loss", "nfe_f", "nfe_b")), test["loss"],
-                         named(test, ("loss", "nfe_forward")), means["nfe_f"], means["nfe_b"],
-                         history["time_per_iter"])
-                epoch, start_batch = epoch + 1, 0
-                checkpoint(epoch, 0)
-                run.flush()
-                stop = stop_signal()
-                if stop is not None:
-                    return 128 + stop
-                if t.get("max_minutes") and dist.gather(time.perf_counter() - train_start)[0] > 60 * t.max_minutes:
-                    log.info("trainer.max_minutes=%g reached after epoch %d; stopping", t.max_minutes, epoch)
-                    break
-    except SolverError as e:
-        log.error("solver failed at step %d: %s. Last good checkpoint: %s", step + 1, e, _last(run))
-        return 3
-    except TrainingStopped as e:
-        log.error("%s. Last good checkpoint: %s", e, _last(run))
-        return e.exit_code
-    train_time = time.perf_counter() - train_start
-
-    # -- test-time tolerance ---------------------------------------------------
-    tol_rows = []
-    if any(isinstance(m, ODEBlock) for m in model.modules()):
-        for r in cfg.eval.rtols:
-            with solver_overrides(model, rtol=r, atol=r * cfg.atol / cfg.rtol):
-                res = evaluate(task, test_loader, t.limit_eval_batches, device, dist)
-            key = task.primary_metric  # acc for classifiers, nll / bpd for flows, ...
-            tol_rows.append({"rtol": r, key: res.get(key, 0.0), "nfe_forward": res["nfe_forward"]})
-            run.scalars({f"tol_eval/{key}/rtol={r:g}": res.get(key, 0.0),
-                         f"tol_eval/nfe_forward/rtol={r:g}": res["nfe_forward"]}, step)
-            log.info("test at rtol=%g: %s %.4f, forward NFE %.1f", r, key, res.get(key, 0.0), res["nfe_forward"])
-
-    # -- final metrics ---------------------------------------------------------
-    final = dict(history, train_time=train_time,
-                 time_per_iter=sum(iter_times) / len(iter_times) if iter_times else history.get("time_per_iter"))
-    run.hparams({**hparams_of(cfg), **task.hparams()},
-                {f"final/{k}": v for k, v in final.items() if v is not None}, step)
-    primary = f"test_{task.primary_metric}"
-    run.write_json("metrics.json", {
-        "primary_metric": primary, "primary_mode": task.primary_mode, "test_primary": final.get(primary),
-        "overrides": list(hydra_cfg.overrides.task), "model": cfg.model.name, "method": cfg.solver.method,
-        "grad": str(getattr(cfg.solver.grad, "value", cfg.solver.grad)), "rtol": cfg.rtol, "atol": cfg.atol,
-        "seed": cfg.seed, "epochs": epoch, "steps": step, **final, "tol_eval": tol_rows,
+def write_metrics(job: Job, overrides: Sequence[str], status: str, exit_code: int, error: str | None = None) -> None:
+    cfg, final = job.cfg, final_metrics(job)
+    primary = f"test_{job.task.primary_metric}"
+    job.run.write_json("metrics.json", {
+        "status": status, "exit_code": exit_code, **({"error": error} if error else {}),
+        "primary_metric": primary, "primary_mode": job.task.primary_mode, "test_primary": final.get(primary),
+        "overrides": list(overrides), **run_keys(cfg), "epochs": job.epoch, "steps": job.step, **final,
+        "tol_eval": job.tol_rows,
     })
-    run.close()
-    return 0
+
+
+def run_keys(cfg: DictConfig) -> dict[str, Any]:
+    """What identifies a job in the sweep summary."""
+    return {"model": cfg.model.name, "method": cfg.solver.method, "grad": cfg.solver.grad, "rtol": cfg.rtol,
+            "atol": cfg.atol, "seed": cfg.seed}
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True) if torch.is_tensor(batch) else batch
+
+
+def batch_size(batch: Any) -> int:
+    """Samples in a batch: a tuple's first tensor, or a dict's first tensor with a batch axis."""
+    if isinstance(batch, dict):
+        return next(len(v) for v in batch.values() if torch.is_tensor(v) and v.ndim >= 2)
+    return len(batch[0])
 
 
 def hparams_of(cfg: DictConfig) -> dict[str, Any]:
-    return {"model": cfg.model.name, "dataset": str(getattr(cfg.dataset.name, "value", cfg.dataset.name)),
-            "method": cfg.solver.method,
-            "grad": str(getattr(cfg.solver.grad, "value", cfg.solver.grad)), "seminorm": cfg.solver.seminorm,
-            "rtol": cfg.rtol, "atol": cfg.atol, "seed": cfg.seed, "batch_size": cfg.trainer.batch_size,
-            "lr": cfg.optim.lr, "epochs": cfg.trainer.epochs, "augment_dim": cfg.model.get("augment_dim", 0)}
+    return {"model": cfg.model.name, "dataset": cfg.dataset.name, "method": cfg.solver.method,
+            "grad": cfg.solver.grad, "seminorm": cfg.solver.seminorm, "rtol": cfg.rtol, "atol": cfg.atol,
+            "seed": cfg.seed, "batch_size": cfg.trainer.batch_size, "lr": cfg.optim.lr, "epochs": cfg.trainer.epochs,
+            "augment_dim": cfg.model.get("augment_dim", 0)}
 
 
 def _last(run: Run) -> str:
     return str(run.ckpt_path) if run.ckpt_path.exists() else "none (failed before the first epoch ended)"
 
 
+# -- command line --------------------------------------------------------------------------------
 def _config_path() -> str:
     """The installed configs, or the checkout's conf/ when running uninstalled."""
     import importlib.util
-    from pathlib import Path
 
     if importlib.util.find_spec("neuralode.conf") is not None:
         return "pkg://neuralode.conf"
@@ -322,20 +519,39 @@ def _config_path() -> str:
 
 
 @hydra.main(version_base="1.3", config_path=_config_path(), config_name="config")
-def _hydra_main(cfg: DictConfig) -> None:
-    code = train(cfg)
+def _hydra_main(cfg: DictConfig) -> int:
+    """One job. A single run exits with the job's code. In a multirun a failed job only returns
+    it (its metrics.json records why) so the sweep goes on, except an interrupted one, which
+    stops the sweep; :func:`main` turns failed jobs into the multirun's exit code."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    code = train(cfg, hc.runtime.output_dir, overrides=list(hc.overrides.task),
+                 traceback=bool(hc.verbose) or os.environ.get("NEURALODE_DEBUG", "") not in ("", "0"))
+    if hc.mode == RunMode.MULTIRUN and code not in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        return code
     if code:
+        if hc.mode == RunMode.MULTIRUN:
+            from neuralode.report import write_summary
+
+            write_summary(hc.sweep.dir)
         sys.exit(code)
+    return code
 
 
 def main() -> None:
     """``neuralode-train`` and ``python -m neuralode.train``, also as every rank of a torchrun job."""
+    from neuralode import report
+
     try:
         sys.argv[1:] = torchrun_argv(sys.argv[1:])
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     _hydra_main()
+    if report.sweep_exit_code:
+        sys.exit(report.sweep_exit_code)
 
 
 if __name__ == "__main__":

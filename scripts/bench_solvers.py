@@ -41,6 +41,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -407,6 +408,89 @@ def targets(rows: List[Row]) -> List[str]:
     return out
 
 
+# ---------------------------------------------------------------------- fixed-step methods
+FIXED_METHODS = {  # method: torchdiffeq release that has it
+    "euler": "0.2.5", "rk4": "0.2.5", "explicit_adams": "0.2.5", "implicit_adams": "0.2.5",
+    "implicit_euler": "master", "trapezoid": "master", "sdirk2": "master", "trbdf2": "master",
+    "implicit_midpoint": "master", "radauIIA3": "master", "gl4": "master", "radauIIA5": "master", "gl6": "master",
+}
+
+
+class StiffLinear(Counted):
+    """y' = A y with eigenvalues -1 and -500: explicit steps of 0.01 are unstable, implicit ones are not."""
+
+    A = torch.tensor([[-500.0, 0.0], [499.0, -1.0]], dtype=torch.float64)
+
+    def forward(self, t, y):
+        self.nfe += 1
+        return y @ self.A.T
+
+    @classmethod
+    def exact(cls, t: torch.Tensor, y0: torch.Tensor) -> np.ndarray:
+        return np.stack([(torch.linalg.matrix_exp(cls.A * ti) @ y0).numpy() for ti in t])
+
+
+def import_torchdiffeq_master(path: Optional[str]):
+    """torchdiffeq master (for its implicit fixed-grid methods) from a checkout at ``path``, imported
+    under another name so that it sits beside the installed release in this process."""
+    if not path:
+        return None
+    import importlib
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp())
+    shutil.copytree(Path(path) / "torchdiffeq", root / "torchdiffeq_master")  # its imports are relative
+    sys.path.insert(0, str(root))
+    return importlib.import_module("torchdiffeq_master")
+
+
+def fixed_methods_table(args, master) -> List[str]:
+    """NFE, error and forward time of the fixed-step methods against the torchdiffeq that has them
+    (0.2.5 for Adams, master for the implicit ones), on Lorenz (h = 1e-3, t in [0, 1]) and on a stiff
+    linear system (h = 0.01, t in [0, 2])."""
+    lor = Lorenz()
+    y0l, tl = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64), torch.linspace(0, 1, 11, dtype=torch.float64)
+    from scipy.integrate import solve_ivp
+    ref_l = solve_ivp(Lorenz.numpy_rhs(), (0, 1), y0l.numpy(), method="DOP853", t_eval=tl.numpy(), rtol=1e-12, atol=1e-12).y.T
+    stiff = StiffLinear()
+    y0s, ts = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.linspace(0, 2, 11, dtype=torch.float64)
+    cases = [("lorenz", lor, y0l, tl, ref_l, 1e-3), ("stiff linear", stiff, y0s, ts, StiffLinear.exact(ts, y0s), 1e-2)]
+    lines = ["| method | problem | h | NFE ours / td | max err ours / td | fwd ours / td | fwd ratio |", "|---|---|---|---|---|---|---|"]
+    for method, release in FIXED_METHODS.items():
+        td = torchdiffeq if release == "0.2.5" else master
+        for pname, f, y0, t, ref, h in cases:
+            if pname == "stiff linear" and method in ("euler", "rk4", "explicit_adams", "implicit_adams"):
+                continue  # explicit: unstable at this step
+            opts = dict(step_size=h, max_order=5) if "adams" in method else dict(step_size=h)  # AB11 (the default) is unstable here
+            kw = dict(rtol=1e-7, atol=1e-9) if method == "implicit_adams" else {}
+            ours_fn = lambda: neuralode.odeint(f, y0, t, method=method, options=opts, **kw)  # noqa: E731
+            nfe, err = {}, {}
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                f.nfe = 0
+                err["ours"] = float(np.abs(ours_fn().numpy() - ref).max())
+                nfe["ours"] = f.nfe
+                if td is not None:
+                    td_fn = lambda: td.odeint(f, y0, t, method=method, options=opts, **kw)  # noqa: E731
+                    f.nfe = 0
+                    err["td"] = float(np.abs(td_fn().numpy() - ref).max())
+                    nfe["td"] = f.nfe
+                    ta, tb = interleaved_times(ours_fn, td_fn, max(3, args.reps // 3), 1)
+                    times = {"ours": statistics.median(ta), "td": statistics.median(tb)}
+                else:
+                    ta, _ = interleaved_times(ours_fn, ours_fn, max(3, args.reps // 3), 1)
+                    times = {"ours": statistics.median(ta)}
+            if "td" in times:
+                lines.append(f"| {method} | {pname} | {h:g} | {nfe['ours']} / {nfe['td']} | {err['ours']:.2e} / {err['td']:.2e} | "
+                             f"{fmt_t(times['ours'])} / {fmt_t(times['td'])} | {ratio(times):.2f} |")
+            else:
+                lines.append(f"| {method} | {pname} | {h:g} | {nfe['ours']} / - | {err['ours']:.2e} / - | "
+                             f"{fmt_t(times['ours'])} / - | - |")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", default="mlp,lorenz,vdp", help="comma-separated subset of mlp,lorenz,vdp")
@@ -422,6 +506,8 @@ def main(argv=None) -> None:
     ap.add_argument("--markdown", action="store_true", help="print a README-ready markdown table")
     ap.add_argument("--count-syncs", action="store_true", help="count tensor->host conversions per step in the forward solve")
     ap.add_argument("--no-study", action="store_true", help="skip the seminorm study on MLP variants")
+    ap.add_argument("--fixed-methods", action="store_true", help="also compare the fixed-step methods (Adams, implicit)")
+    ap.add_argument("--td-master", default=None, help="a torchdiffeq master checkout, for its implicit fixed-step methods")
     args = ap.parse_args(argv)
     if args.quick:
         args.reps, args.warmup = min(args.reps, 5), 1
@@ -460,6 +546,9 @@ def main(argv=None) -> None:
     print(table(rows, [m for m in modes if any(m in r.fb for r in rows)], bool(args.count_syncs)) if args.markdown else "")
     if study:
         print("\nSeminorm study (backward NFE only):\n" + "\n".join(study))
+    if args.fixed_methods:
+        print("\nFixed-step methods:")
+        fixed_methods_table(args, import_torchdiffeq_master(args.td_master))
     print()
     for line in targets(rows):
         print(line)

@@ -1,5 +1,7 @@
-"""Shared fixtures: tiny MNIST files in torchvision's raw layout, and a helper
-that runs the real ``neuralode-train`` entry point in a subprocess."""
+"""Shared fixtures: tiny MNIST files in torchvision's raw layout, and helpers that run
+training in-process (:func:`train_here`, the function the entry point calls) or through
+the real ``neuralode-train`` entry point in a subprocess (:func:`run_train`, for exit
+codes, signals, sweeps and torchrun)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+
+# One intra-op thread, in this process and in the runs it starts: the tests' models are tiny
+# (extra threads only add synchronisation), and the suite's parallel subprocesses (torchrun ranks,
+# joblib jobs) would otherwise oversubscribe the cores, which slows small ops by 10x or more on a
+# busy machine. NEURALODE_TEST_THREADS=<n> changes it.
+THREADS = os.environ.setdefault("NEURALODE_TEST_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", THREADS)
+torch.set_num_threads(int(THREADS))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_MNIST = REPO_ROOT.parent / "shared" / "data" / "mnist-10k"
@@ -37,6 +47,26 @@ def write_idx_mnist(root: Path, n_train: int, n_test: int, seed: int = 0) -> Pat
 @pytest.fixture(scope="session")
 def fake_mnist(tmp_path_factory) -> Path:
     return write_idx_mnist(tmp_path_factory.mktemp("data"), n_train=640, n_test=64)
+
+
+def compose(*overrides: str, with_hydra: bool = False):
+    """The config ``neuralode-train <overrides>`` would run with; ``with_hydra`` keeps the
+    ``hydra`` node (and allows overriding it)."""
+    from hydra import compose as hydra_compose, initialize_config_module
+
+    from neuralode.config import register_configs
+
+    register_configs()
+    with initialize_config_module("neuralode.conf", version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides), return_hydra_config=with_hydra)
+
+
+def train_here(*overrides: str, run_dir: Path, traceback: bool = False) -> int:
+    """Run one job in this process, as the entry point would with ``hydra.run.dir=run_dir``;
+    return its exit code."""
+    from neuralode.train import train
+
+    return train(compose(*overrides), run_dir, overrides, traceback=traceback)
 
 
 def train_cmd(*overrides: str) -> list[str]:

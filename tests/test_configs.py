@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from neuralode import preflight
 from neuralode.config import ConfigError, register_configs, validate
 from neuralode.models import solver_overrides
 from neuralode.tasks import build_task
@@ -34,7 +35,7 @@ CLASSIFIERS = ("odenet", "resnet", "rknet")
 
 def cfg_for(*overrides: str):
     cfg = compose("config", overrides=list(overrides))
-    if cfg.model.name in CLASSIFIERS and "model.width=64" not in overrides:
+    if cfg.model.name in CLASSIFIERS and not any(o.startswith("model.width=") for o in overrides):
         cfg.model.width = 8  # tiny and fast
     return cfg
 
@@ -100,9 +101,9 @@ def test_gradient_modes_match_direct(grad, seminorm):
 
 
 def test_rknet_is_odenet_with_direct_backprop_and_overridable():
-    assert cfg_for("model=rknet").solver.grad.value == "direct"
+    assert cfg_for("model=rknet").solver.grad == "direct"
     assert cfg_for("model=rknet", "solver=rk4").solver.method == "rk4"
-    assert cfg_for("model=rknet", "solver.grad=adjoint").solver.grad.value == "adjoint"
+    assert cfg_for("model=rknet", "solver.grad=adjoint").solver.grad == "adjoint"
 
 
 def test_presets():
@@ -114,20 +115,46 @@ def test_presets():
     assert cfg_for("solver=rk4").solver.step_size == 0.25
 
 
-@pytest.mark.parametrize("override", ["rtol=abc", "foo=1", "solver.grad=sideways", "model.depth=3",
-                                      "trainer.batch_size=big", "model=foo"])
+@pytest.mark.parametrize("override", ["rtol=abc", "foo=1", "model.depth=3", "trainer.batch_size=big", "model=foo"])
 def test_schema_rejects_at_compose_time(override):
     with pytest.raises(ConfigCompositionException):
         cfg_for(override)
 
 
 @pytest.mark.parametrize("override, key", [("rtol=-1", "rtol"), ("atol=0", "atol"), ("trainer.batch_size=0",
-                         "trainer.batch_size"), ("solver.method=rk5", "solver.method"),
-                         ("solver.step_size=null", "solver.method=rk4"), ("eval.rtols=[0.1,-1]", "eval.rtols")])
+                         "trainer.batch_size"), ("solver.grad=sideways", "solver.grad"),
+                         ("eval.rtols=[0.1,-1]", "eval.rtols"), ("optim.momentum=-1", "optim.momentum"),
+                         ("model.width=0", "model.width"), ("dataset=spirals", "model=odenet classifies images")])
 def test_validate_rejects_values(override, key):
-    overrides = ["solver=rk4"] if override.startswith("solver.step_size") else []
     with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[")):
-        validate(cfg_for(*overrides, override))
+        validate(cfg_for(override))
+
+
+@pytest.mark.parametrize("override, key", [("solver.method=rk5", "solver.method='rk5'"),
+                                           ("solver.adjoint.method=foo", "solver.adjoint.method='foo'"),
+                                           ("solver.step_size=null", "solver.method=rk4"),
+                                           ("+solver.options.max_num_steps=0", "solver.options.max_num_steps=0")])
+def test_preflight_rejects_solver_settings(override, key):
+    """The solver's own settings type checks names and option values; the error names the config key."""
+    overrides = ["solver=rk4"] if override.startswith("solver.step_size") else []
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        preflight.check_solver(cfg_for(*overrides, override))
+
+
+def test_help_and_cfg_job_do_not_import_the_model_zoo(tmp_path):
+    """The schemas are a leaf: printing help or the config imports no model, task or torchvision."""
+    import subprocess
+    import sys
+
+    zoo = ("neuralode.models", "neuralode.tasks", "torchvision")
+    for args in (["--cfg", "job"], ["--help"]):
+        res = subprocess.run([sys.executable, "-X", "importtime", "-m", "neuralode.train", *args], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0 and "method: dopri5" in res.stdout, res.stdout + res.stderr
+        imported = {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines()
+                    if line.startswith("import time")}
+        assert {"neuralode.config", "neuralode.run", "hydra"} <= imported  # the check sees real imports
+        assert not {m for m in imported if m.startswith(zoo)}, sorted(m for m in imported if m.startswith(zoo))
 
 
 def test_test_time_tolerance_override_changes_nfe():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
+import logging
 import os
 import re
 import subprocess
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, run_train, scalars
+from conftest import TINY, compose, run_train, scalars, train_here
 from neuralode.data import EpochSampler
 from neuralode.distributed import mean_over, torchrun_argv
 
@@ -102,7 +104,7 @@ def test_torchrun_other_model_families(family, tmp_path):
 
 
 def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
 
 
 # A fixed grid makes the solve independent of how the batch is split (an adaptive
@@ -117,8 +119,7 @@ EQUAL = ["model.width=8", "trainer.batch_size=16", "trainer.limit_batches=1", "t
 def test_ddp_step_equals_single_process_step(grad, fake_mnist, tmp_path):
     common = [f"solver.grad={grad}", f"data_dir={fake_mnist}", *EQUAL]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    res = run_train(*common, f"hydra.run.dir={single}", cwd=tmp_path)
-    assert res.returncode == 0, res.stdout
+    assert train_here(*common, run_dir=single) == 0
     res = torchrun(*common, f"hydra.run.dir={ddp}", cwd=tmp_path)
     assert res.returncode == 0, res.stdout
     a, b = final_params(single), final_params(ddp)
@@ -141,25 +142,22 @@ def test_ddp_resume_continues_exactly(fake_mnist, tmp_path):
                        (second, ["trainer.epochs=2", f"resume={first}"])):
         res = torchrun(*common, *extra, f"hydra.run.dir={out}", cwd=tmp_path)
         assert res.returncode == 0, res.stdout
-    a, b = torch.load(straight / "checkpoints" / "last.pt", weights_only=False), \
-        torch.load(second / "checkpoints" / "last.pt", weights_only=False)
+    a, b = torch.load(straight / "checkpoints" / "last.pt", weights_only=True), \
+        torch.load(second / "checkpoints" / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 6 and len(b["rng_ranks"]) == 2
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-def test_restarted_torchrun_worker_resumes_from_its_run_dir(fake_mnist, tmp_path):
+def test_restarted_torchrun_worker_resumes_from_its_run_dir(fake_mnist, tmp_path, monkeypatch, caplog):
     """torchrun sets TORCHELASTIC_RESTART_COUNT > 0 when it restarts failed workers."""
     out = tmp_path / "run"
-    res = run_train(f"data_dir={fake_mnist}", f"hydra.run.dir={out}", "trainer.epochs=1", *RESUME, cwd=tmp_path)
-    assert res.returncode == 0, res.stdout
-    env = dict(os.environ, TORCHELASTIC_RESTART_COUNT="1")
-    res = subprocess.run([sys.executable, "-m", "neuralode.train", f"data_dir={fake_mnist}", f"hydra.run.dir={out}",
-                          "trainer.epochs=2", *RESUME], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout
-    assert "resumed from" in (out / "train.log").read_text()
-    assert torch.load(out / "checkpoints" / "last.pt", weights_only=False)["step"] == 6
+    assert train_here(f"data_dir={fake_mnist}", "trainer.epochs=1", *RESUME, run_dir=out) == 0
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    caplog.set_level(logging.INFO, logger="neuralode")
+    assert train_here(f"data_dir={fake_mnist}", "trainer.epochs=2", *RESUME, run_dir=out) == 0
+    assert f"resumed from {out / 'checkpoints' / 'last.pt'}" in caplog.text
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 6
 
 
 @needs_gloo
@@ -179,17 +177,18 @@ def _log_span(run_dir: Path) -> tuple[datetime, datetime]:
 
 @pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None,
                     reason="hydra-joblib-launcher not installed (pip install .[launchers])")
-def test_joblib_sweep_runs_jobs_in_parallel(fake_mnist, tmp_path):
+def test_joblib_sweep_runs_jobs_in_parallel_and_survives_a_failing_job(fake_mnist, tmp_path):
     sweep = tmp_path / "sweep"
-    res = run_train("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "rtol=0.1,0.01",
+    res = run_train("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "rtol=0.1,0.01,-1",
                     f"hydra.sweep.dir={sweep}", f"data_dir={fake_mnist}",
                     *[o for o in TINY if not o.startswith("rtol")], cwd=tmp_path, timeout=900)
-    assert res.returncode == 0, res.stdout
+    assert res.returncode == 2, res.stdout  # job 2's invalid rtol
     assert len(list(sweep.glob("[01]/tb/events.out.tfevents.*"))) == 2  # the same layout as the basic launcher
     (s0, e0), (s1, e1) = _log_span(sweep / "0"), _log_span(sweep / "1")
     assert s0 < e1 and s1 < e0, "the two jobs did not overlap in time"
-    rows = (sweep / "summary.csv").read_text().splitlines()
-    assert len(rows) == 3 and {r.split(",")[5] for r in rows[1:]} == {"0.1", "0.01"}
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert [(r["rtol"], r["status"]) for r in rows] == [("0.1", "completed"), ("0.01", "completed"), ("-1.0", "failed")]
+    assert "rtol=-1.0 must be > 0" in rows[2]["error"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
@@ -197,9 +196,7 @@ def test_joblib_sweep_runs_jobs_in_parallel(fake_mnist, tmp_path):
 @pytest.mark.parametrize("launcher, target", [("submitit_slurm", "SlurmLauncher"),
                                               ("slurm_gpu", "SlurmLauncher"),
                                               ("submitit_local", "LocalLauncher")])
-def test_submitit_launcher_configs_compose(launcher, target, tmp_path):
-    res = run_train("--cfg", "hydra", f"hydra/launcher={launcher}", "hydra.launcher.timeout_min=30", cwd=tmp_path,
-                    timeout=300)
-    assert res.returncode == 0, res.stdout
-    assert f"hydra_plugins.hydra_submitit_launcher.submitit_launcher.{target}" in res.stdout
-    assert "timeout_min: 30" in res.stdout
+def test_submitit_launcher_configs_compose(launcher, target):
+    cfg = compose(f"hydra/launcher={launcher}", "hydra.launcher.timeout_min=30", with_hydra=True)
+    assert cfg.hydra.launcher._target_ == f"hydra_plugins.hydra_submitit_launcher.submitit_launcher.{target}"
+    assert cfg.hydra.launcher.timeout_min == 30

@@ -28,7 +28,8 @@ def test_report_writes_csv_markdown_and_png(tmp_path, capsys):
     assert [r["overrides"] for r in rows] == ["rtol=0.1", "rtol=0.01", "rtol=0.001"]
     assert [float(r["nfe_forward"]) for r in rows] == [14.0, 20.0, 26.0]
     md = (sweep / "summary.md").read_text().splitlines()
-    assert md[0].startswith("| job | overrides") and len(md) == 2 + 3
+    assert md[0].startswith("| job | status | exit_code | overrides") and len(md) == 2 + 3
+    assert {r["status"] for r in rows} == {"completed"}  # metrics.json without a status: an older, finished run
     with Image.open(sweep / "summary.png") as img:
         assert img.size == (1000, 420)
         assert len(img.getcolors(maxcolors=10_000) or []) > 2  # something was drawn
@@ -45,5 +46,5 @@ def test_report_orders_jobs_numerically(tmp_path):
 def test_report_without_finished_jobs_fails_clearly(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty")]) == 1
-    assert "no metrics.json" in capsys.readouterr().err
+    assert "no job directories" in capsys.readouterr().err
     assert main([str(tmp_path / "missing")]) == 2

@@ -17,7 +17,7 @@ EXPECTED_FILES = {
 
 
 class DataError(RuntimeError):
-    """The dataset is missing and could not be downloaded."""
+    """The dataset is missing, could not be downloaded, or its files cannot be read."""
 
 
 def _missing(name: str, root: Path) -> list[str]:
@@ -33,13 +33,13 @@ def image_datasets(name: str, data_dir: str | Path, mean: Sequence[float], std: 
         raise DataError(f"unknown image dataset {name!r}; expected one of {', '.join(EXPECTED_FILES)}")
     root = Path(data_dir).expanduser()
     missing = _missing(name, root)
+    cls = {"mnist": datasets.MNIST, "cifar10": datasets.CIFAR10}[name]
     if missing and download:
-        cls = {"mnist": datasets.MNIST, "cifar10": datasets.CIFAR10}[name]
         try:
             cls(str(root), train=True, download=True)
             cls(str(root), train=False, download=True)
         except Exception as e:  # network errors come in many types; all mean the same here
-            raise DataError(_missing_message(name, root, missing, f"download failed ({e})")) from None
+            raise DataError(_missing_message(name, root, missing, f"download failed ({_one_line(e)})")) from None
         missing = _missing(name, root)
     if missing:
         raise DataError(_missing_message(name, root, missing, "dataset.download=false"))
@@ -48,16 +48,20 @@ def image_datasets(name: str, data_dir: str | Path, mean: Sequence[float], std: 
     normalize = [transforms.ToTensor(), transforms.Normalize(mean, std)]
     train_tf = transforms.Compose(([transforms.RandomCrop(size, padding=4)] if augment else []) + normalize)
     test_tf = transforms.Compose(normalize)
-    if name == "mnist":
-        return (datasets.MNIST(str(root), train=True, transform=train_tf),
-                datasets.MNIST(str(root), train=False, transform=test_tf))
-    return (datasets.CIFAR10(str(root), train=True, transform=train_tf),
-            datasets.CIFAR10(str(root), train=False, transform=test_tf))
+    try:  # both read every file here: MNIST parses the idx files, CIFAR-10 checks their MD5 first
+        return cls(str(root), train=True, transform=train_tf), cls(str(root), train=False, transform=test_tf)
+    except Exception as e:  # torchvision reports damaged files with assorted exception types
+        where = (root / EXPECTED_FILES[name][0]).parent.resolve()
+        raise DataError(f"{name} files under {where} cannot be read ({type(e).__name__}: {_one_line(e)}); they "
+                        f"are damaged: delete them to download afresh (dataset.download=true), or point data_dir at "
+                        f"a good copy") from None
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
 
 
 def _missing_message(name: str, root: Path, missing: list[str], reason: str) -> str:
-    files = "\n    ".join(missing)
-    return (f"{name} not found under data_dir={root.resolve()} ({reason}).\n"
-            f"  Missing files:\n    {files}\n"
-            f"  Copy them there, or point data_dir at a directory that has them "
-            f"(e.g. data_dir=../shared/data/mnist-10k on offline machines).")
+    return (f"{name} not found under data_dir={root.resolve()} ({reason}); missing files: {', '.join(missing)}; "
+            f"copy them there, or point data_dir at a directory that has them "
+            f"(e.g. data_dir=../shared/data/mnist-10k on offline machines)")

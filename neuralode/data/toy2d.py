@@ -9,7 +9,6 @@ the README) are in the docstrings below.
 from __future__ import annotations
 
 import math
-from enum import Enum
 from typing import Callable
 
 import torch
@@ -116,13 +115,10 @@ def swissroll(n: int, g: torch.Generator) -> torch.Tensor:
 
 
 TOY_NAMES = tuple(_GENERATORS)
-Toy2D = Enum("Toy2D", [(n, n) for n in TOY_NAMES], type=str)
-Toy2D.__doc__ = "Names of the toy 2-D generators."
 
 
 def sample_toy(name: str, n: int, seed: int) -> torch.Tensor:
     """``n`` samples of generator ``name`` as a float32 (n, 2) tensor, a pure function of ``seed``."""
-    name = getattr(name, "value", name)
     if name not in _GENERATORS:
         raise ValueError(f"unknown toy dataset {name!r}; valid names: {', '.join(TOY_NAMES)}")
     return _GENERATORS[name](n, torch.Generator().manual_seed(seed)).float()
@@ -136,7 +132,6 @@ def toy_datasets(name: str, n_train: int, n_test: int, seed: int) -> tuple[Datas
 # -- exact densities and entropies (for the benchmark) -----------------------------------------
 def log_density(name: str, x: torch.Tensor) -> torch.Tensor:
     """Exact log-density of the 8gaussians and checkerboard generators."""
-    name = getattr(name, "value", name)
     x = x.double()
     if name == "8gaussians":
         d2 = ((x[:, None, :] - eight_centers()[None]) ** 2).sum(-1)
@@ -152,7 +147,6 @@ def log_density(name: str, x: torch.Tensor) -> torch.Tensor:
 def entropy(name: str, n: int = 1_000_000, seed: int = 12345) -> tuple[float, float]:
     """Differential entropy H = -E log p(x) in nats, with its Monte Carlo standard error
     (zero where it is exact: checkerboard is uniform on area 32, so H = ln 32)."""
-    name = getattr(name, "value", name)
     if name == "checkerboard":
         return math.log(32.0), 0.0
     lp = log_density(name, sample_toy(name, n, seed).double())

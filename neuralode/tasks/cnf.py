@@ -67,13 +67,13 @@ class CNFTask(Task):
     def __init__(self, cfg: Any):
         self.cfg = cfg
         m, d = cfg.model, cfg.dataset
-        self.name = str(getattr(d.name, "value", d.name))
+        self.name = d.name
         self.is_toy = self.name in TOY_NAMES
         solver = solver_settings(cfg)
         self.kinetic_weight, self.jacobian_weight = float(m.kinetic_weight), float(m.jacobian_weight)
         regularise = self.kinetic_weight > 0 or self.jacobian_weight > 0
-        common = dict(hidden=list(m.hidden_dims), num_blocks=m.num_blocks, activation=_value(m.activation),
-                      trace=_value(m.trace), noise=_value(m.noise), time_length=m.time_length, regularise=regularise)
+        common = dict(hidden=list(m.hidden_dims), num_blocks=m.num_blocks, activation=m.activation,
+                      trace=m.trace, noise=m.noise, time_length=m.time_length, regularise=regularise)
         if self.is_toy:
             self.model: CNF = cnf_2d(solver, dim=2, **common)
         else:
@@ -130,7 +130,7 @@ class CNFTask(Task):
     # -- figures ---------------------------------------------------------------
     def hparams(self) -> dict[str, Any]:
         m = self.cfg.model
-        return {"trace": _value(m.trace), "noise": _value(m.noise), "kinetic_weight": self.kinetic_weight,
+        return {"trace": m.trace, "noise": m.noise, "kinetic_weight": self.kinetic_weight,
                 "jacobian_weight": self.jacobian_weight, "hidden_dims": str(list(m.hidden_dims)),
                 "num_blocks": m.num_blocks, "time_length": m.time_length}
 
@@ -169,7 +169,3 @@ class CNFTask(Task):
         """``writer`` is a TensorBoard ``SummaryWriter``."""
         for tag, image in self.figures().items():
             writer.add_image(tag, image, step)
-
-
-def _value(x: Any) -> Any:
-    return getattr(x, "value", x)
