@@ -33,26 +33,28 @@ ROBER_Y0 = torch.tensor([1.0, 0.0, 0.0], dtype=F64)
 # -- re-entrancy -------------------------------------------------------------------------------------------
 def test_nested_kvaerno5_solve_inside_a_kvaerno5_vector_field():
     """The inner solve's Newton state is its own: the outer result equals the one with the inner
-    quantity computed outside (no solve in the field)."""
-    def inner_rate(y):  # decay rate from a small stiff solve: exp(-50) ~ 0, so the rate is ~k
-        k = 1.0 + 0.1 * torch.tanh(y.sum())
-        z = odeint(lambda t, z: -50.0 * (z - k), torch.zeros(1, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
-                   rtol=1e-10, atol=1e-12, method="kvaerno5")
+    quantity computed in closed form (no solve in the field)."""
+    def k_of(y):
+        return 1.0 + 0.1 * torch.tanh(y.sum())
+
+    def inner_rate(y):  # z' = -100 (z - k) from 0 over [0, 0.2]: z = k (1 - e^-20)
+        k = k_of(y.detach())  # (the outer Newton matrix then ignores dk/dy: only iterations change)
+        z = odeint(lambda t, z: -100.0 * (z - k), torch.zeros(1, dtype=F64), torch.tensor([0.0, 0.2], dtype=F64),
+                   rtol=1e-5, atol=1e-7, method="kvaerno5")
         return z[-1, 0]
 
     def nested(t, y):
-        return -1000.0 * (y - torch.cos(t)) * inner_rate(y)
+        return -50.0 * (y - torch.cos(t)) * inner_rate(y)
 
     def flat(t, y):
-        k = 1.0 + 0.1 * torch.tanh(y.sum())
-        return -1000.0 * (y - torch.cos(t)) * (k + (0 - k) * torch.exp(torch.tensor(-50.0, dtype=F64)))
+        return -50.0 * (y - torch.cos(t)) * k_of(y) * (1 - torch.exp(torch.tensor(-20.0, dtype=F64)))
 
-    ts = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
+    ts = torch.tensor([0.0, 0.3], dtype=F64)
     y0 = torch.tensor([2.0], dtype=F64)
     with record_stats() as stats:
-        a = odeint(nested, y0, ts, rtol=1e-6, atol=1e-8, method="kvaerno5")
-    b = odeint(flat, y0, ts, rtol=1e-6, atol=1e-8, method="kvaerno5")
-    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+        a = odeint(nested, y0, ts, rtol=1e-4, atol=1e-6, method="kvaerno5")
+    b = odeint(flat, y0, ts, rtol=1e-4, atol=1e-6, method="kvaerno5")
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # within the inner solve's tolerance
     assert stats.n_jac >= 2  # inner and outer solves both counted
 
 

@@ -1,0 +1,171 @@
+"""Per-sample stepping (``options=dict(per_sample=True)``): each sample of a batch is solved as if
+alone, with its own steps, and gradients in every mode equal direct backprop."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from neuralode import Checkpoint, odeint, record_stats
+
+F64 = torch.float64
+PS = dict(per_sample=True)
+
+
+class Field(nn.Module):
+    """A small MLP field with a per-sample (vector) time input: rows are independent."""
+
+    def __init__(self, dim=2):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.l1, self.l2 = nn.Linear(dim, 16).double(), nn.Linear(16, dim).double()
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=F64) * 0.7)
+
+    def forward(self, t, y):
+        return self.l2(torch.tanh(self.l1(y))) * (1 + 0.3 * torch.sin(3 * t))[:, None]
+
+
+def _alone(f, y0_row, t_row, tol=1e-9, **kw):
+    return odeint(lambda t, y: f(t.expand(1), y[None])[0], y0_row, t_row, rtol=tol, atol=tol, **kw)
+
+
+def van_der_pol(t, s):
+    """Van der Pol with mu carried as a third state column (zero derivative), so rows can be dropped."""
+    x, v, mu = s.unbind(-1)
+    return torch.stack([v, mu * (1 - x * x) * v - x, torch.zeros_like(mu)], -1)
+
+
+def _vdp_batch(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.exp(torch.empty(n, dtype=F64).uniform_(math.log(0.1), math.log(20), generator=g))
+    return torch.stack([torch.full((n,), 2.0, dtype=F64), torch.zeros(n, dtype=F64), mu], -1)
+
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3", "dopri8"])
+@pytest.mark.parametrize("compact", [False, True])
+def test_each_sample_as_if_alone(method, compact):
+    f = Field()
+    y0 = torch.randn(4, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    t = torch.linspace(0, 2, 5, dtype=F64)
+    with record_stats() as stats:
+        ys = odeint(f, y0, t, rtol=1e-7, atol=1e-7, method=method, options=dict(PS, compact=compact))
+    assert ys.shape == (5, 4, 2)
+    for b in range(4):
+        with record_stats() as alone:
+            yb = _alone(f, y0[b], t, tol=1e-7, method=method)
+        torch.testing.assert_close(ys[:, b], yb, rtol=1e-11, atol=1e-11)
+        assert stats.sample_accepted[b] == alone.n_accepted and stats.sample_rejected[b] == alone.n_rejected
+
+
+def test_per_sample_time_grids_equal_solving_each_series_alone():
+    f = Field()
+    y0 = torch.randn(3, 2, generator=torch.Generator().manual_seed(2), dtype=F64)
+    T = torch.stack([torch.linspace(0.0, 1.0, 4, dtype=F64), torch.linspace(0.5, 2.5, 4, dtype=F64),
+                     torch.tensor([0.0, 0.3, 0.3, 0.3], dtype=F64)])  # the last row is padded
+    ys = odeint(f, y0, T, rtol=1e-9, atol=1e-9, options=PS)
+    for b in range(3):
+        distinct = torch.unique_consecutive(T[b])
+        yb = _alone(f, y0[b], distinct)
+        torch.testing.assert_close(ys[: len(distinct), b], yb, rtol=1e-11, atol=1e-11)
+        assert torch.equal(ys[len(distinct) - 1:, b], ys[len(distinct) - 1, b].expand(4 - len(distinct) + 1, 2))
+
+
+@pytest.mark.parametrize("grad", ["checkpoint", Checkpoint(every=3), "adjoint"])
+def test_gradients_equal_per_sample_direct_backprop(grad):
+    f = Field()
+    y0 = torch.randn(5, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
+    t = torch.linspace(0, 2, 6, dtype=F64)
+
+    def grads(mode, options):
+        y = y0.clone().requires_grad_(True)
+        ys = odeint(f, y, t, rtol=1e-9, atol=1e-9, options=options, grad=mode)
+        loss = (ys ** 2).sum() + ys[-1, :, 0].sum()
+        return torch.autograd.grad(loss, (y, *f.parameters()))
+
+    direct = grads("direct", PS)
+    other = grads(grad, dict(PS, compact=True))
+    tol = 1e-6 if grad == "adjoint" else 1e-12  # the adjoint's backward solve has its own error
+    for a, b in zip(other, direct):
+        assert ((a - b).abs().max() / b.abs().max()) < tol
+
+
+def test_checkpoint_with_per_sample_grids_equals_direct():
+    f = Field()
+    y0 = torch.randn(3, 2, generator=torch.Generator().manual_seed(4), dtype=F64)
+    T = torch.stack([torch.linspace(0, 1 + 0.4 * b, 4, dtype=F64) for b in range(3)])
+    out = []
+    for grad in ("direct", "checkpoint"):
+        y = y0.clone().requires_grad_(True)
+        ys = odeint(f, y, T, rtol=1e-8, atol=1e-8, options=PS, grad=grad)
+        out.append(torch.autograd.grad((ys ** 2).sum(), (y, *f.parameters())))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_tuple_state_per_sample():
+    def f(t, s):
+        z, logp = s
+        return -z * (1 + t[:, None]), -z.sum(1)
+
+    y0 = (torch.ones(3, 2, dtype=F64), torch.zeros(3, dtype=F64))
+    z, logp = odeint(f, y0, torch.tensor([0.0, 1.0], dtype=F64), rtol=1e-9, atol=1e-9, options=PS)
+    torch.testing.assert_close(z[-1], torch.full((3, 2), math.exp(-1.5), dtype=F64), rtol=1e-8, atol=1e-8)
+    assert logp.shape == (2, 3)
+
+
+def test_per_sample_saves_steps_on_a_mixed_batch():
+    """Van der Pol with mu from 0.1 to 20: each sample takes the steps it needs."""
+    y0 = _vdp_batch(32)
+    t = torch.linspace(0, 10, 20, dtype=F64)
+    with record_stats() as joint:
+        yj = odeint(lambda t, s: van_der_pol(t.expand(len(s)), s), y0, t, rtol=1e-6, atol=1e-6)
+    with record_stats() as per:
+        yp = odeint(van_der_pol, y0, t, rtol=1e-6, atol=1e-6, options=dict(PS, compact=True))
+    mean_steps = per.sample_accepted.double().mean().item()
+    assert mean_steps < 0.5 * joint.n_accepted, (mean_steps, joint.n_accepted)
+    torch.testing.assert_close(yp, yj, rtol=1e-3, atol=1e-3)  # both within tolerance of the solution
+
+
+def test_time_gradients_per_sample():
+    f = Field()
+    y0 = torch.randn(2, 2, generator=torch.Generator().manual_seed(5), dtype=F64)
+    T = torch.tensor([[0.0, 0.5, 1.0], [0.2, 0.9, 1.7]], dtype=F64, requires_grad=True)
+    ys = odeint(f, y0, T, rtol=1e-10, atol=1e-10, options=PS)
+    (g,) = torch.autograd.grad(ys[-1].sum(), T)
+    eps = 1e-6
+    for b, j in ((0, 0), (1, 0), (1, 2)):  # a start time, and an output time
+        Tp, Tm = T.detach().clone(), T.detach().clone()
+        Tp[b, j] += eps
+        Tm[b, j] -= eps
+        num = (odeint(f, y0, Tp, rtol=1e-10, atol=1e-10, options=PS)[-1].sum()
+               - odeint(f, y0, Tm, rtol=1e-10, atol=1e-10, options=PS)[-1].sum()) / (2 * eps)
+        assert abs(g[b, j].item() - num.item()) < 1e-5 * max(1.0, abs(num.item())), (b, j)
+
+
+# -- bad input ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw, match", [
+    (dict(method="rk4"), "per-sample stepping needs an adaptive explicit method"),
+    (dict(method="kvaerno5"), "per-sample stepping needs an adaptive explicit method"),
+    (dict(options=dict(PS, step_size=0.1)), "per-sample stepping does not take step_size"),
+    (dict(options=dict(compact=True)), "compact applies to per-sample solves"),
+])
+def test_bad_settings(kw, match):
+    options = kw.pop("options", PS)
+    with pytest.raises(ValueError, match=match):
+        odeint(lambda t, y: -y, torch.ones(3, 2), torch.tensor([0.0, 1.0]), options=options, **kw)
+
+
+def test_bad_time_grids_name_the_row_and_sizes():
+    y0 = torch.ones(2, 2)
+    with pytest.raises(ValueError, match=r"row 1 of t is not monotonic"):
+        odeint(lambda t, y: -y, y0, torch.tensor([[0.0, 1.0, 2.0], [0.0, 2.0, 1.0]]), options=PS)
+    with pytest.raises(ValueError, match=r"t has 3 rows but y0 has a batch of 2"):
+        odeint(lambda t, y: -y, y0, torch.zeros(3, 2), options=PS)
+    with pytest.raises(ValueError, match="leading dimension is the batch"):
+        odeint(lambda t, y: -y, torch.tensor(1.0), torch.tensor([0.0, 1.0]), options=PS)
+    with pytest.raises(ValueError, match="grad='adjoint' with per-sample time grids"):
+        odeint(nn.Linear(2, 2), y0, torch.tensor([[0.0, 1.0], [0.0, 2.0]]), options=PS, grad="adjoint")
