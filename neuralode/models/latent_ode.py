@@ -125,11 +125,17 @@ class _Scaled(nn.Module):
 
 
 class LatentODE(nn.Module):
+    """``time_grid``: "union" solves the batch jointly on the sorted union of its series' times;
+    "per_sample" gives every series its own steps and its own output times (per-sample stepping,
+    for adaptive explicit methods; others fall back to the union grid)."""
+
     def __init__(self, obs_dim: int, solver: SolverSettings, latent_dim: int = 4, rec_hidden: int = 25,
                  dyn_hidden: int = 20, dec_hidden: int = 20, encoder: str = "gru", dyn_layers: int = 1,
-                 init_logvar: float = 0.0):
+                 init_logvar: float = 0.0, time_grid: str = "union"):
         super().__init__()
-        self.solver = solver
+        if time_grid not in ("union", "per_sample"):
+            raise ValueError(f"time_grid must be 'union' or 'per_sample', got {time_grid!r}")
+        self.solver, self.time_grid = solver, time_grid
         self.encoder = Encoder(obs_dim, latent_dim, rec_hidden, encoder, solver, init_logvar=init_logvar)
         self.dynamics = ODEFunc(latent_dim, dyn_hidden, dyn_layers)
         self.decoder = mlp(latent_dim, dec_hidden, obs_dim)
@@ -144,11 +150,38 @@ class LatentODE(nn.Module):
         z = self.solver.odeint(self.dynamics, z0, grid).transpose(0, 1)
         return z[:, 1:] if prepend else z
 
+    def per_sample_trajectory(self, z0: torch.Tensor, times: torch.Tensor, t0: float,
+                              present: torch.Tensor) -> torch.Tensor:
+        """z(t) at each series' own times only (``present``), solved per sample from t0; returns
+        (B, T, latent) on the union layout, zero where a series has no time."""
+        B, T = present.shape
+        counts = present.sum(1)
+        K = int(counts.max())
+        at = torch.arange(T, device=times.device).expand(B, T)
+        idx = torch.where(present, at, torch.full_like(at, T)).sort(1).values[:, :K]  # the row's positions, padded
+        valid = idx < T
+        own = times[idx.clamp(max=T - 1)]
+        last = own.gather(1, (counts - 1).clamp_min(0)[:, None])
+        own = torch.where(valid, own, last)  # pad a short row by repeating its last time
+        grid = torch.cat([torch.full((B, 1), float(t0), dtype=times.dtype, device=times.device), own], 1)
+        z = self.solver.replace(per_sample=True).odeint(self.dynamics, z0, grid)[1:].transpose(0, 1)  # (B, K, latent)
+        out = z0.new_zeros(B, T + 1, z0.shape[-1])
+        out = out.scatter(1, torch.where(valid, idx, torch.full_like(idx, T))[..., None].expand(-1, -1, z0.shape[-1]), z)
+        return out[:, :T]
+
+    def _per_sample_ok(self) -> bool:
+        s = self.solver
+        return self.time_grid == "per_sample" and s.adaptive and s.method not in ("kvaerno5", "kvaerno3", "auto") \
+            and type(s.grad).__name__ != "Adjoint"
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Sample z0 ~ q in training mode; use its mean in eval mode (deterministic metrics)."""
         mu, logvar = self.encoder(batch)
         z0 = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
-        z = self.latent_trajectory(z0, batch["times"], batch["t0"])
+        if self._per_sample_ok() and "present" in batch:
+            z = self.per_sample_trajectory(z0, batch["times"], batch["t0"], batch["present"])
+        else:
+            z = self.latent_trajectory(z0, batch["times"], batch["t0"])
         return dict(pred=self.decoder(z), mu=mu, logvar=logvar, z=z)
 
 
@@ -208,7 +241,8 @@ def build_model(kind: str, obs_dim: int, solver: SolverSettings, **kw) -> nn.Mod
     if kind == "latent_ode":
         return LatentODE(obs_dim, solver, latent_dim=kw["latent_dim"], rec_hidden=kw["rec_hidden"],
                          dyn_hidden=kw["dyn_hidden"], dec_hidden=kw["dec_hidden"], encoder=kw["encoder"],
-                         dyn_layers=kw.get("dyn_layers", 1), init_logvar=kw.get("init_logvar", 0.0))
+                         dyn_layers=kw.get("dyn_layers", 1), init_logvar=kw.get("init_logvar", 0.0),
+                         time_grid=kw.get("time_grid", "union"))
     if kind == "rnn":
         return RNNBaseline(obs_dim, hidden=kw["rec_hidden"], dec_hidden=kw["dec_hidden"])
     raise ValueError(f"unknown model.kind {kind!r}; expected latent_ode or rnn")

@@ -20,13 +20,17 @@ class CheckpointedSolve(torch.autograd.Function):
         with torch.no_grad():
             ys = torch.stack(run.forward(y0, trace=trace).outputs)
         ctx.trace, ctx.run = trace, run
-        ctx.save_for_backward(*params)
+        ctx.starts, ctx.n_params = sorted(trace.states), len(params)
+        # the checkpoints go through autograd too, so memory watches (record_stats(memory=True)) see them
+        ctx.save_for_backward(*params, *(trace.states.pop(s) for s in ctx.starts))
         return ys
 
     @staticmethod
     def backward(ctx, grad_ys: torch.Tensor):
-        params = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        params = saved[:ctx.n_params]
         trace, run = ctx.trace, ctx.run
+        trace.states = dict(zip(ctx.starts, saved[ctx.n_params:]))
         ts = run.out_ts
         prob = run.setup.replay_problem()
         steps = trace.steps

@@ -21,7 +21,8 @@ from .control import Tolerance, mixed_rms_norm, rms_norm
 from .errors import NonFiniteError
 from .integrate import Callbacks, Problem, solve
 from .methods import get_method
-from .settings import Adjoint, Checkpoint, Direct, SolverSettings
+from .reversible import solve_reversible
+from .settings import Adjoint, Checkpoint, Direct, Reversible, SolverSettings
 from .stats import SolveStats, new_solve_stats
 
 State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
@@ -292,6 +293,10 @@ def solve_ivp(settings: SolverSettings, func: Callable, y0: State, t: torch.Tens
               event_fn: Optional[Callable] = None, adjoint_params=None):
     """One solve with ``settings``: returns the states at ``t`` (leading time axis, ``y0``'s
     structure), or ``(event_t, states at [t0, event_t])`` with ``event_fn``."""
+    if settings.parsed.per_sample:
+        from .per_sample import solve_per_sample
+
+        return solve_per_sample(settings, func, y0, t, event_fn, adjoint_params)
     ts = check_t(t)
     grad = settings.grad
     params = adjoint_params_of(func, adjoint_params) if not isinstance(grad, Direct) else ()
@@ -323,6 +328,8 @@ def solve_ivp(settings: SolverSettings, func: Callable, y0: State, t: torch.Tens
         ys = torch.stack(res.outputs)
     elif isinstance(grad, Checkpoint):
         ys = CheckpointedSolve.apply(run, y0_flat, *params)
+    elif isinstance(grad, Reversible):
+        ys = solve_reversible(run, y0_flat, params)
     else:
         ys = BacksolveAdjoint.apply(run, y0_flat, *params)
 

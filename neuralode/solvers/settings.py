@@ -7,7 +7,8 @@ needs beyond the user's ``func``/``y0``/``t`` is in it; models hold one and call
 that builds one.
 
 Gradient modes are small objects: ``Direct()``, ``Adjoint(rtol=..., seminorm=True)``,
-``Checkpoint(every=k)``; the strings "direct", "adjoint", "checkpoint" name their defaults.
+``Checkpoint(every=k)``, ``Reversible(coupling=...)``; the strings "direct", "adjoint",
+"checkpoint", "reversible" name their defaults.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 
 ADAPTIVE_OPTIONS = frozenset({
     "first_step", "safety", "ifactor", "dfactor", "min_step", "max_step", "max_num_steps", "controller", "pcoeff",
-    "icoeff", "step_t", "jump_t", "stiffness_check",
+    "icoeff", "step_t", "jump_t", "stiffness_check", "per_sample", "compact",
 })
 FIXED_OPTIONS = frozenset({"step_size", "grid_constructor", "perturb", "interp", "step_t", "jump_t"})
 COMMON_OPTIONS = frozenset({"norm", "dtype", "max_nfe", "max_num_steps"})
@@ -51,6 +52,8 @@ class Options:
     step_t: Tuple[float, ...] = ()
     jump_t: Tuple[float, ...] = ()
     stiffness_check: bool = True  # explicit methods: fail fast on a sustained stiff phase
+    per_sample: bool = False  # every sample (leading dimension) gets its own steps (per_sample.py)
+    compact: bool = False  # per-sample: drop finished samples from the batch handed to func
     # every method
     norm: Any = None  # callable of the scaled error (a tuple for tuple states); "seminorm" for the adjoint
     dtype: Optional[torch.dtype] = None  # dtype of the time tensor handed to func
@@ -146,6 +149,12 @@ def _check_ranges(o: Options, adjoint: bool) -> None:
     need(o.max_order is None or o.max_order >= 1, f"max_order must be >= 1, got {o.max_order}")
     need(isinstance(o.perturb, bool), f"perturb must be True or False, got {o.perturb!r}")
     need(isinstance(o.stiffness_check, bool), f"stiffness_check must be True or False, got {o.stiffness_check!r}")
+    need(isinstance(o.per_sample, bool) and isinstance(o.compact, bool), "per_sample and compact must be True or False")
+    need(not o.compact or o.per_sample, "compact applies to per-sample solves: pass per_sample=True as well")
+    if o.per_sample:
+        for name, bad in (("step_size", o.step_size is not None), ("step_t", bool(o.step_t)), ("jump_t", bool(o.jump_t)),
+                          ("grid_constructor", o.grid_constructor is not None)):
+            need(not bad, f"per-sample stepping does not take {name}: every sample chooses its own steps")
     need(o.grid_constructor is None or callable(o.grid_constructor), "grid_constructor must be a callable (func, y0, t) -> grid")
     need(o.dtype is None or (isinstance(o.dtype, torch.dtype) and o.dtype.is_floating_point),
          f"dtype must be a floating torch.dtype, got {o.dtype!r}")
@@ -189,17 +198,42 @@ class Checkpoint:
             raise ValueError(f"Checkpoint(every=...) must be an integer >= 1, got {self.every!r}")
 
 
-GradMode = Union[Direct, Adjoint, Checkpoint]
-GRAD_MODES = ("direct", "adjoint", "checkpoint")
+@dataclass(frozen=True)
+class Reversible:
+    """Algebraically reversible steps of an explicit Runge-Kutta method (McCallum & Foster 2024):
+    the exact gradient of that solve in memory independent of the number of steps, about twice
+    the evaluations of a checkpointed solve. ``coupling`` (the paper's lambda) damps the
+    difference of the two states the scheme carries: 1 leaves it undamped (unstable, like
+    reversible Heun), lower values cost accuracy in the reconstruction (about coupling**-steps).
+    ``max_error``: the largest relative error of a reconstructed output state the backward pass
+    accepts before it stops with a SolverError (None: only record it)."""
+
+    coupling: float = 0.999
+    max_error: Optional[float] = 1e-3
+    name = "reversible"
+
+    def __post_init__(self):
+        c = self.coupling
+        if isinstance(c, bool) or not isinstance(c, numbers.Real) or not 0 < c < 1:
+            why = ("the coupled states are then undamped and the scheme is unstable (use e.g. 0.999)" if c == 1 else
+                   "it must lie in (0, 1); 0.999 is a stable default")
+            raise ValueError(f"Reversible(coupling={c!r}): {why}")
+        e = self.max_error
+        if e is not None and (isinstance(e, bool) or not isinstance(e, numbers.Real) or not e > 0):
+            raise ValueError(f"Reversible(max_error={e!r}) must be a positive number or None")
+
+
+GradMode = Union[Direct, Adjoint, Checkpoint, Reversible]
+GRAD_MODES = ("direct", "adjoint", "checkpoint", "reversible")
 
 
 def grad_mode(grad: Union[str, GradMode]) -> GradMode:
-    if isinstance(grad, (Direct, Adjoint, Checkpoint)):
+    if isinstance(grad, (Direct, Adjoint, Checkpoint, Reversible)):
         return grad
-    modes = {"direct": Direct, "adjoint": Adjoint, "checkpoint": Checkpoint}
+    modes = {"direct": Direct, "adjoint": Adjoint, "checkpoint": Checkpoint, "reversible": Reversible}
     if grad not in modes:
         raise ValueError(f"unknown grad mode {grad!r}; valid modes: {', '.join(GRAD_MODES)} "
-                         "(or Direct(), Adjoint(...), Checkpoint(every=k))")
+                         "(or Direct(), Adjoint(...), Checkpoint(every=k), Reversible(coupling=...))")
     return modes[grad]()
 
 
@@ -217,6 +251,16 @@ def _check_tolerance(name: str, tol) -> Any:
     if not isinstance(tol, (torch.Tensor, tuple, list)):
         raise TypeError(f"{name} must be a number, a tensor or a tuple of them (tuple states), got {type(tol).__name__}")
     return tol  # tensors are checked against the state's shape when the solve starts
+
+
+def _check_reversible(method, opts: Options) -> None:
+    """The reversible scheme is built from one explicit Runge-Kutta step (a tableau)."""
+    if method.kind != "explicit" or method.multistep:
+        what = "a multistep method" if method.kind == "explicit" else f"not an explicit Runge-Kutta method ({method.kind})"
+        raise ValueError(f"grad='reversible' needs an explicit Runge-Kutta method (dopri5, tsit5, bosh3, dopri8, rk4, ...); "
+                         f"{method.name!r} is {what}: use grad='checkpoint' (exact, bounded memory) or grad='direct'")
+    if opts.perturb:
+        raise ValueError("grad='reversible' does not support options['perturb']; use grad='checkpoint' or grad='direct'")
 
 
 @dataclass(frozen=True, eq=False)
@@ -244,6 +288,11 @@ class SolverSettings:
         set_("parsed", parse_options(self.options, method))
         if self.parsed.norm == "seminorm":
             raise ValueError("norm='seminorm' applies to the adjoint solve: pass it in adjoint_options")
+        if isinstance(self.grad, Reversible):
+            _check_reversible(method, self.parsed)
+        if self.parsed.per_sample and (method.kind != "explicit" or not method.adaptive or method.multistep):
+            raise ValueError(f"per-sample stepping needs an adaptive explicit method (dopri5, tsit5, bosh3, dopri8, "
+                             f"fehlberg2, adaptive_heun), got {method.name!r}")
         if not isinstance(self.grad, Direct) and not method.supports_backward_modes:
             raise ValueError(f"method {method.name!r} supports only grad='direct'")
         if isinstance(self.grad, Adjoint):
