@@ -18,16 +18,37 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 # The command line's vocabulary for choices the models and solvers accept as strings.
-GRADS = ("direct", "adjoint", "checkpoint")
+GRADS = ("direct", "adjoint", "checkpoint", "reversible")
 TRACES = ("exact", "hutchinson")
 NOISES = ("gaussian", "rademacher")
 ACTIVATIONS = ("softplus", "tanh", "elu", "swish")
+OBJECTIVES = ("ml", "flow_matching")
+COUPLINGS = ("independent", "exact_ot")
+NFE_GUARDS = ("warn", "stop")
+REGULARIZERS = ("rnode", "steer", "error")
+# Adaptive explicit Runge-Kutta methods: the ones with an embedded error estimate per accepted step.
+ERROR_METHODS = ("dopri5", "tsit5", "bosh3", "dopri8", "fehlberg2", "adaptive_heun")
+ADAPTIVE_METHODS = ERROR_METHODS + ("kvaerno3", "kvaerno5", "auto")
+# tol=auto (docs/regularizers.md): training starts at this rtol and moves by decades after each epoch.
+AUTO_TOL_START = 1e-1
+AUTO_TOL_RANGE = (1e-7, 0.5)
+
+
+def tol_start(value: Any) -> float:
+    """``${tol_start:${tol}}``: the rtol a run starts with: ``tol`` itself, or for ``tol=auto``
+    :data:`AUTO_TOL_START`."""
+    if str(value) == "auto":
+        return AUTO_TOL_START
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"tol={value!r} must be a number or auto") from None
 
 
 @dataclass
@@ -89,6 +110,9 @@ class LatentODEConf:
     init_logvar: float = -4.0  # initial bias of q(z0)'s log-variance: a narrow start avoids posterior collapse
     kl_weight: float = 1.0
     n_figures: int = 3  # fixed test series drawn to TensorBoard
+    # union: solve the batch on the sorted union of its series' times; per_sample: every series on
+    # its own times with its own steps (adaptive explicit methods; others use the union)
+    time_grid: str = "union"
 
 
 @dataclass
@@ -122,6 +146,13 @@ class CNFConf:
     logit_alpha: float = 1e-6  # images: logit(alpha + (1 - 2 alpha) u)
     figure_resolution: int = 96  # 2-D: pixels per side of the density / histogram panels
     figure_samples: int = 4000  # 2-D: samples drawn for the figure (images: up to 64)
+    # Flow matching (issue 14; neuralode.models.flow_matching, docs/flow_matching.md):
+    objective: str = "ml"  # ml (maximum likelihood through the solver) | flow_matching (no solve in training)
+    coupling: str = "independent"  # flow matching: independent | exact_ot (minibatch OT, needs scipy)
+    sigma: float = 0.0  # flow matching: std of the Gaussian smoothing of the path
+    ema: Optional[float] = None  # EMA decay of the weights used for evaluation; 0: off; null: 0.999 for FM on images
+    init_from: Optional[str] = None  # run dir or .pt: start from its weights (e.g. FM, then ML fine-tuning)
+    ot_max_batch: int = 2048  # exact_ot: largest (global) batch the O(n^3) assignment accepts
 
 
 @dataclass
@@ -154,13 +185,56 @@ class TrainerConf:
     max_minutes: Optional[float] = None  # stop after the epoch during which this wall-clock budget runs out
     num_workers: int = 0
     progress: bool = True  # tqdm bar; never shown when stdout is not a terminal
+    progress_every: float = 30.0  # stdout not a terminal: a progress line every this many seconds (0: none)
+    # NFE budget (docs/regularizers.md): forward+backward evaluations of one training iteration
+    max_nfe_per_iter: Optional[int] = None  # null: no budget
+    nfe_guard: str = "warn"  # warn (once per epoch) | stop (exit 3) when an iteration exceeds the budget
 
 
 @dataclass
 class EvalConf:
-    """Test-time tolerance sweep after training; atol is scaled like rtol."""
+    """Test-time sweep after training: adaptive solvers at each rtol (atol scaled alike),
+    fixed-step solvers at each step size (a tolerance would not change their work)."""
 
     rtols: List[float] = field(default_factory=list)
+    step_sizes: List[float] = field(default_factory=list)
+    # ODE-validity check after every epoch (docs/regularizers.md): the test set again at 100x tighter
+    # tolerances (fixed-step runs: an adaptive method at rtol/100), the gap of the primary metric
+    validity: bool = False
+    validity_threshold: float = 0.01  # warn when |metric(tight) - metric(run's solver)| exceeds this
+    validity_method: Optional[str] = None  # method of the tight solve (null: the run's, dopri5 for fixed-step runs)
+
+
+@dataclass
+class RNODEConf:
+    """RNODE (Finlay et al. 2020): weights of the integrated kinetic energy and Jacobian Frobenius norm."""
+
+    kinetic: float = 0.01
+    jacobian: float = 0.01
+
+
+@dataclass
+class SteerConf:
+    """STEER (Ghosh et al. 2020): training solves end at T + U(-b, b); evaluation at T."""
+
+    b: float = 0.5
+
+
+@dataclass
+class ErrorRegConf:
+    """Error regulariser (Pal et al. 2021): weight of the summed accepted-step local error estimates."""
+
+    weight: float = 0.01
+
+
+@dataclass
+class RegularizerConf:
+    """The ``regularizer`` group: each chosen option fills its entry; null entries are off.
+    ``regularizer=[rnode,steer]`` combines options (docs/regularizers.md)."""
+
+    rnode: Optional[RNODEConf] = None
+    steer: Optional[SteerConf] = None
+    error: Optional[ErrorRegConf] = None
 
 
 @dataclass
@@ -171,6 +245,8 @@ class Config:
     optim: OptimConf = MISSING
     trainer: TrainerConf = MISSING
     eval: EvalConf = field(default_factory=EvalConf)
+    regularizer: RegularizerConf = field(default_factory=RegularizerConf)
+    tol: Union[float, str] = 1e-3  # shorthand: rtol follows it, atol follows rtol; "auto": see AUTO_TOL_START
     rtol: float = 1e-3
     atol: float = 1e-3
     seed: int = 0
@@ -184,6 +260,11 @@ class ConfigError(ValueError):
 
 
 def register_configs() -> None:
+    """The schemas, and ``${mul:a,b}`` (a times b) for configs whose atol is a fixed fraction of rtol."""
+    if not OmegaConf.has_resolver("mul"):
+        OmegaConf.register_new_resolver("mul", lambda a, b: float(f"{float(a) * float(b):.12g}"))
+    if not OmegaConf.has_resolver("tol_start"):
+        OmegaConf.register_new_resolver("tol_start", tol_start)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     # Kept out of the selectable groups, so `model=<name>` lists only real models.
@@ -211,10 +292,23 @@ def validate(cfg) -> None:
         if value not in choices:
             problems.append(f"{key}={value!r} is not one of {', '.join(choices)}")
 
+    if cfg.tol == "auto":
+        s = cfg.solver
+        if s.method not in ADAPTIVE_METHODS or s.step_size is not None:
+            problems.append(f"tol=auto tunes an adaptive solver's tolerance, but solver={s.method}"
+                            + (f" with solver.step_size={s.step_size}" if s.step_size is not None else "")
+                            + f" takes fixed steps: use an adaptive method ({', '.join(ADAPTIVE_METHODS)}) or "
+                            "a number, e.g. tol=1e-3")
+    elif isinstance(cfg.tol, str):  # rtol follows tol, so nothing else can be checked
+        raise ConfigError(f"invalid config: tol={cfg.tol!r} must be a number or auto")
+    else:
+        positive("tol", cfg.tol)
     positive("rtol", cfg.rtol)
     positive("atol", cfg.atol)
     for r in cfg.eval.rtols:
         positive("eval.rtols[]", r)
+    for h in cfg.eval.step_sizes:
+        positive("eval.step_sizes[]", h)
     t = cfg.trainer
     positive("trainer.batch_size", t.batch_size)
     positive("trainer.eval_batch_size", t.eval_batch_size)
@@ -223,6 +317,7 @@ def validate(cfg) -> None:
     positive("trainer.max_minutes", t.get("max_minutes"))
     non_negative("trainer.epochs", t.epochs)
     non_negative("trainer.num_workers", t.num_workers)
+    non_negative("trainer.progress_every", t.progress_every)
     o = cfg.optim
     one_of("optim.name", o.name, ("sgd", "adam"))
     positive("optim.lr", o.lr)
@@ -248,6 +343,7 @@ def validate(cfg) -> None:
     if m.get("kind") is not None:  # latent_ode / rnn
         one_of("model.kind", m.kind, ("latent_ode", "rnn"))
         one_of("model.encoder", m.encoder, ("gru", "odernn"))
+        one_of("model.time_grid", m.time_grid, ("union", "per_sample"))
         positive("model.obs_std", m.obs_std)
         if d.get("n_obs") is None:
             problems.append(f"model={m.name} needs a time-series dataset (spirals, periodic), not dataset={d.name}")
@@ -265,6 +361,24 @@ def validate(cfg) -> None:
             positive("model.hidden_dims[]", h)
         non_negative("model.kinetic_weight", m.kinetic_weight)
         non_negative("model.jacobian_weight", m.jacobian_weight)
+        objective = m.get("objective", "ml")
+        one_of("model.objective", objective, OBJECTIVES)
+        one_of("model.coupling", m.get("coupling", "independent"), COUPLINGS)
+        non_negative("model.sigma", m.get("sigma", 0.0))
+        positive("model.ot_max_batch", m.get("ot_max_batch", 1))
+        ema = m.get("ema")
+        if ema is not None and not 0 <= ema < 1:
+            problems.append(f"model.ema={ema} must be in [0, 1) (0 or null: see conf/model/cnf.yaml)")
+        if objective == "flow_matching":
+            if not image_data and d.get("n_train") is None:
+                problems.append(f"model.objective=flow_matching needs a density dataset (a toy 2-D one such as "
+                                f"8gaussians or checkerboard, or mnist/cifar10), not dataset={d.name}")
+            if m.num_blocks != 1:
+                problems.append(f"model.objective=flow_matching trains one vector field: set model.num_blocks=1, "
+                                f"not {m.num_blocks}")
+            if m.get("coupling") == "exact_ot" and t.batch_size > m.get("ot_max_batch", 2048):
+                problems.append(f"model.coupling=exact_ot: trainer.batch_size={t.batch_size} exceeds the exact "
+                                f"assignment's budget model.ot_max_batch={m.ot_max_batch} (O(n^3) per batch)")
         if not image_data and d.get("n_train") is None:
             problems.append(f"model=cnf needs a toy 2-D dataset (e.g. dataset=8gaussians) or an image dataset "
                             f"(mnist, cifar10), not dataset={d.name}")
@@ -279,7 +393,68 @@ def validate(cfg) -> None:
             problems.append(f"dataset.test_fraction={d.test_fraction} must be in (0, 1)")
         if not 0 <= d.missing_rate < 1:
             problems.append(f"dataset.missing_rate={d.missing_rate} must be in [0, 1)")
+    problems += regularizer_problems(cfg)
+    one_of("trainer.nfe_guard", t.get("nfe_guard", "warn"), NFE_GUARDS)
+    positive("trainer.max_nfe_per_iter", t.get("max_nfe_per_iter"))
+    non_negative("eval.validity_threshold", cfg.eval.get("validity_threshold", 0.0))
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
         problems.append(f"device={cfg.device!r} is not one of auto, cpu, cuda, cuda:N")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def regularizer_problems(cfg) -> list:
+    """What is wrong with the ``regularizer`` choice for this model (docs/regularizers.md)."""
+    reg, m = cfg.get("regularizer"), cfg.model
+    if reg is None:
+        return []
+    problems = []
+    chosen = [name for name in REGULARIZERS if reg.get(name) is not None]
+    rnode, steer, error = reg.get("rnode"), reg.get("steer"), reg.get("error")
+    if error is not None and not error.weight >= 0:
+        problems.append(f"regularizer.error.weight={error.weight} must be >= 0 (0 turns the term off)")
+    if rnode is not None:
+        for key in ("kinetic", "jacobian"):
+            if not rnode[key] >= 0:
+                problems.append(f"regularizer.rnode.{key}={rnode[key]} must be >= 0 (0 turns the term off)")
+    if not chosen:
+        return problems
+    solves = m.name == "cnf" or m.get("kind") == "latent_ode" or m.name in ("odenet", "rknet")
+    if not solves:
+        problems.append(f"regularizer={','.join(chosen)}: model={m.name} solves no ODE; use regularizer=none")
+        return problems
+    if m.name == "cnf" and m.get("objective", "ml") == "flow_matching":
+        problems.append("regularizer: model.objective=flow_matching trains without a solve, so there is nothing "
+                        "to regularise; use regularizer=none or model.objective=ml")
+    if rnode is not None and m.name == "cnf" and (m.kinetic_weight > 0 or m.jacobian_weight > 0):
+        problems.append("regularizer=rnode sets the CNF's RNODE weights: leave model.kinetic_weight and "
+                        "model.jacobian_weight at 0 (or use them with regularizer=none), not both")
+    if rnode is not None and m.get("time_grid") == "per_sample":
+        problems.append("regularizer=rnode does not support model.time_grid=per_sample; use model.time_grid=union")
+    if error is not None:
+        s = cfg.solver
+        if s.grad not in ("direct", "checkpoint"):
+            problems.append(f"regularizer=error differentiates the solver's error estimates through the forward "
+                            f"solve, which solver.grad={s.grad} does not keep: use solver.grad=checkpoint (bounded "
+                            f"memory) or solver.grad=direct")
+        if s.method not in ERROR_METHODS or s.step_size is not None:
+            problems.append(f"regularizer=error needs an adaptive explicit method with an error estimate "
+                            f"({', '.join(ERROR_METHODS)}) without solver.step_size, not solver={s.method}"
+                            + (f" with step_size={s.step_size}" if s.step_size is not None else ""))
+        if m.get("time_grid") == "per_sample":
+            problems.append("regularizer=error does not support model.time_grid=per_sample; use model.time_grid=union")
+    if steer is not None:
+        # The end time T of the solves STEER perturbs: CNF blocks run to model.time_length, ODE blocks
+        # to 1, the ODE-RNN encoder solves every gap on s in [0, 1].
+        T = float(m.time_length) if m.name == "cnf" else 1.0
+        if not steer.b >= 0:
+            problems.append(f"regularizer.steer.b={steer.b} must be >= 0")
+        elif not steer.b < T:
+            problems.append(f"regularizer.steer.b={steer.b} must be < T={T:g}, the solves' end time (end times are "
+                            f"drawn from [T-b, T+b] and must stay after the start); use e.g. "
+                            f"regularizer.steer.b={T / 2:g}")
+        if m.get("kind") == "latent_ode" and m.get("encoder") != "odernn":
+            problems.append("regularizer=steer: the latent ODE solves on the observation times, which STEER leaves "
+                            "alone, and its gru encoder solves nothing; use model.encoder=odernn (STEER then "
+                            "perturbs the encoder's gaps) or regularizer=rnode")
+    return problems

@@ -1,5 +1,8 @@
 """Every side effect of a training run in one place: logs, TensorBoard,
-progress bars, checkpoints, ``metrics.json`` and signal handling.
+progress bars and progress lines, checkpoints, ``metrics.json`` and signal handling.
+
+TensorBoard events go to ``<run dir>/tb/<run name>/``, so the runs of a log directory are named
+after what tells them apart (a sweep job's overrides, or the model and solver), not ``0/tb``.
 
 ``train.py`` only calls this object; under DDP it is constructed with
 ``enabled=False`` on every rank but 0.
@@ -22,6 +25,7 @@ import random
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -55,13 +59,19 @@ LEGACY_ENUMS = [(_legacy_enum, name) for name in (
 
 
 class Run:
-    def __init__(self, out_dir: str | Path, progress: bool = True, enabled: bool = True):
+    def __init__(self, out_dir: str | Path, name: str = "run", progress: bool = True, progress_every: float = 30.0,
+                 enabled: bool = True):
         self.out_dir = Path(out_dir)
+        self.tb_dir = self.out_dir / "tb" / name
         self.enabled = enabled
-        self.show_progress = progress and enabled and sys.stdout.isatty()
+        on_terminal = sys.stdout.isatty()
+        self.show_progress = progress and enabled and on_terminal
+        # Off a terminal (a log file, a batch job) the bar is hidden: print a line every so often instead.
+        self.progress_every = progress_every if progress and enabled and not on_terminal else 0.0
         self.stop_signal: int | None = None
         self.ckpt_path = self.out_dir / CKPT_NAME
         self._tb = None
+        self.tags: set[str] = set()  # scalar tags written so far (the custom-scalars layout names only these)
 
     @property
     def _writer(self):
@@ -71,9 +81,9 @@ class Run:
             from torch.utils.tensorboard import SummaryWriter
 
             try:
-                self._tb = SummaryWriter(str(self.out_dir / "tb"))
+                self._tb = SummaryWriter(str(self.tb_dir))
             except OSError as e:
-                raise OutputError(_cannot_write(self.out_dir / "tb", e)) from None
+                raise OutputError(_cannot_write(self.tb_dir, e)) from None
         return self._tb
 
     # -- logging ---------------------------------------------------------------
@@ -81,18 +91,31 @@ class Run:
         if self._writer:
             for tag, value in values.items():
                 self._writer.add_scalar(tag, value, step)
+                self.tags.add(tag)
+
+    def write_layout(self, primary: str | None) -> None:
+        """The TensorBoard custom-scalars dashboard of this run (:func:`layout`), naming only the
+        scalar tags it wrote; nothing when it wrote none."""
+        if self._tb is not None and self.tags:
+            chart = layout(self.tags, primary)
+            if chart:
+                self._tb.add_custom_scalars(chart)
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float], step: int) -> None:
-        """Write hparams into this run's own event file (not a sub-run), so the
-        jobs of a multirun form one HParams table with one row per job."""
+        """Write hparams into this run's own event file (not a sub-run), so the jobs of a
+        multirun form one HParams table with one row per job. Only the session records are
+        written, not an experiment summary: TensorBoard uses the first experiment summary it
+        finds for every run, so a log directory mixing model families would show one family's
+        columns; without one it builds the table from all runs' hparams and scalars."""
         if not self._writer:
             return
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
         self.scalars(metrics, step)
         file_writer = self._writer._get_file_writer()
-        for summary in hparams_summary(hparams, metrics):
-            file_writer.add_summary(summary)
+        _experiment, session_start, session_end = hparams_summary(hparams, metrics)
+        file_writer.add_summary(session_start)
+        file_writer.add_summary(session_end)
 
     def figures(self, task: Any, step: int) -> None:
         """Let the task draw its TensorBoard figures (``Task.log_figures``)."""
@@ -117,14 +140,15 @@ class Run:
             _atomic_write(self.out_dir / name, lambda f: f.write(json.dumps(data, indent=2).encode()))
 
     @contextlib.contextmanager
-    def progress(self, iterable: Iterable, total: int, desc: str) -> Iterator[tqdm]:
-        """A tqdm bar (hidden off-terminal); log records are routed around it."""
+    def progress(self, iterable: Iterable, total: int, desc: str) -> Iterator["Progress"]:
+        """A tqdm bar on a terminal (log records are routed around it); elsewhere a log line
+        every ``progress_every`` seconds."""
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         bar = tqdm(iterable, total=total, desc=desc, disable=not self.show_progress,
                    file=sys.stdout, dynamic_ncols=True, leave=True)
         with bar, (logging_redirect_tqdm() if self.show_progress else contextlib.nullcontext()):
-            yield bar
+            yield Progress(bar, desc, total, self.progress_every)
 
     # -- checkpoints -----------------------------------------------------------
     def save_checkpoint(self, state: dict[str, Any]) -> None:
@@ -188,6 +212,73 @@ class Run:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+
+
+class Progress:
+    """Iterates like the tqdm bar it wraps; :meth:`update` shows the running means on the bar, or
+    logs them as one line when ``every`` seconds have passed since the last line (0: never)."""
+
+    def __init__(self, bar: tqdm, desc: str, total: int, every: float):
+        self.bar, self.desc, self.total, self.every = bar, desc, total, every
+        self.done = 0
+        self.start = self.last = time.monotonic()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.bar)
+
+    def update(self, means: dict[str, float]) -> None:
+        self.done += 1
+        self.bar.set_postfix({k: f"{v:.3g}" for k, v in means.items()}, refresh=False)
+        now = time.monotonic()
+        if self.every and now - self.last >= self.every:
+            self.last = now
+            rate = (now - self.start) / self.done
+            log.info("%s: batch %d/%d, %s, %.3g s/iter, epoch ends in ~%s", self.desc, self.done, self.total,
+                     " ".join(f"{k} {v:.4g}" for k, v in means.items()), rate,
+                     duration(rate * (self.total - self.done)))
+
+
+def layout(tags: set[str], primary: str | None) -> dict[str, dict[str, list]]:
+    """The custom-scalars layout (TensorBoard's "Custom Scalars" tab) of a run that wrote ``tags``:
+    one chart per question, each line a tag that exists; charts and categories without any are left
+    out. ``primary``: the task's primary metric (acc, nll, bpd, rmse_extrap)."""
+    p = primary or "loss"
+    x_axis = "(x: 100 log10(1/rtol); fixed steps: 100 log2(1/h))"
+    wanted = {
+        "cost": {
+            "NFE per iteration (forward, backward)": ["nfe/forward", "nfe/backward"],
+            "NFE per epoch (mean forward, backward; growth over the first epoch)":
+                ["nfe/forward_epoch", "nfe/backward_epoch", "nfe/growth"],
+            "time per iteration (s), peak memory (bytes)": ["time/iter", "mem/peak"],
+        },
+        "accuracy": {
+            f"{p}: train and test": [f"train/{p}", f"train/{p}_epoch", f"test/{p}"],
+            "loss: train and test": ["train/loss", "train/loss_epoch", "test/loss"],
+        },
+        "tolerance": {
+            f"test {p} against the solver tolerance {x_axis}": [f"tol_eval/curve/{p}"],
+            f"test forward NFE against the solver tolerance {x_axis}": ["tol_eval/curve/nfe_forward"],
+            "ODE validity: metric gap and NFE ratio at 100x tighter tolerances":
+                ["validity/metric_gap", "validity/nfe_ratio"],
+            "training rtol chosen by tol=auto": ["tol/rtol"],
+        },
+        "regularizers": {
+            "reg/* per iteration": sorted(t for t in tags if t.startswith("reg/")),
+        },
+    }
+    out: dict[str, dict[str, list]] = {}
+    for category, charts in wanted.items():
+        for title, chart_tags in charts.items():
+            present = [t for t in chart_tags if t in tags]
+            if present:  # each entry is a regex: escape, and anchor so that it names exactly one tag
+                out.setdefault(category, {})[title] = ["Multiline", [f"^{re.escape(t)}$" for t in present]]
+    return out
+
+
+def duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h07m``."""
+    s = int(round(seconds))
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def rng_state() -> dict[str, Any]:

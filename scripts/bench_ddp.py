@@ -45,7 +45,7 @@ def run(name: str, nproc: int, threads: int | None, args: argparse.Namespace) ->
     subprocess.run(cmd, check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(next((out / "tb").rglob("events.out.tfevents.*")).parent), size_guidance={"scalars": 0})
     acc.Reload()
     times = [e.value for e in acc.Scalars("time/iter")][args.warmup:]
     nfe = [e.value for e in acc.Scalars("nfe/forward")][args.warmup:]

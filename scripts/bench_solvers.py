@@ -581,6 +581,43 @@ def per_sample_table(args) -> List[str]:
     return lines
 
 
+def overhead_table(probs: Dict[str, Problem], tols, args) -> List[str]:
+    """The loop's own cost: a forward solve's wall time divided by the bare cost of its function
+    evaluations (the same number of calls of the field on the initial state, timed alone), for us,
+    torchdiffeq and torchode (joint solve, batch of one) on the same problems. 1.0 is the limit."""
+    import torchode as to
+
+    lines = ["| problem | tol | NFE ours / td / torchode | solve ÷ bare evaluations: ours | torchdiffeq | torchode |",
+             "|---|---|---|---|---|---|"]
+    reps = max(5, args.reps)
+    for name, prob in probs.items():
+        f, y0, t = prob.func, prob.y0, prob.t
+        shape = y0.shape
+        flat = lambda s, y: f(s[0], y.reshape(shape)).reshape(1, -1)  # noqa: E731  torchode: (batch, features)
+        for tol in tols:
+            term = to.ODETerm(flat)
+            tdo = to.AutoDiffAdjoint(to.Dopri5(term=term), to.IntegralController(atol=tol, rtol=tol, term=term))
+            ivp = to.InitialValueProblem(y0=y0.reshape(1, -1), t_eval=t[None])
+            runs = {"ours": lambda: neuralode.odeint(f, y0, t, rtol=tol, atol=tol),
+                    "td": lambda: torchdiffeq.odeint(f, y0, t, rtol=tol, atol=tol),
+                    "torchode": lambda: tdo.solve(ivp)}
+            ratios, nfes = {}, {}
+            with torch.no_grad():
+                for lib, run in runs.items():
+                    f.nfe = 0
+                    run()
+                    nfes[lib] = n = f.nfe
+                    t0 = t[0]
+                    bare = lambda: [f(t0, y0) for _ in range(n)]  # noqa: E731
+                    ts, tb = interleaved_times(run, bare, reps, 1)
+                    ratios[lib] = statistics.median(ts) / statistics.median(tb)
+            line = (f"| {name} | {tol:g} | {nfes['ours']} / {nfes['td']} / {nfes['torchode']} | {ratios['ours']:.2f} | "
+                    f"{ratios['td']:.2f} | {ratios['torchode']:.2f} |")
+            print(line, flush=True)
+            lines.append(line)
+    return lines
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", default="mlp,lorenz,vdp", help="comma-separated subset of mlp,lorenz,vdp")
@@ -598,6 +635,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-study", action="store_true", help="skip the seminorm study on MLP variants")
     ap.add_argument("--fixed-methods", action="store_true", help="also compare the fixed-step methods (Adams, implicit)")
     ap.add_argument("--per-sample", action="store_true", help="also compare per-sample stepping (ours, joint, torchode)")
+    ap.add_argument("--overhead", action="store_true", help="only the loop-overhead table (solve time / bare NFE cost)")
     ap.add_argument("--td-master", default=None, help="a torchdiffeq master checkout, for its implicit fixed-step methods")
     args = ap.parse_args(argv)
     if args.quick:
@@ -609,6 +647,10 @@ def main(argv=None) -> None:
     modes = [m for m in args.grad_modes.split(",") if m]
     grad_problems = set(args.grad_problems.split(","))
     probs = make_problems(names, args.seed)
+    if args.overhead:
+        print(f"Loop overhead ({args.threads} thread(s), {args.reps} reps, medians):")
+        overhead_table(probs, tols, args)
+        return
 
     header = (f"torch {torch.__version__}, torchdiffeq {getattr(torchdiffeq, '__version__', '?')}, python {platform.python_version()}, "
               f"{platform.machine()} with {torch.get_num_threads()} torch thread(s) (set_num_threads={args.threads}); "

@@ -37,7 +37,7 @@ RUNS = {
 def per_epoch(run_dir: Path) -> list[dict]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(next((run_dir / "tb").rglob("events.out.tfevents.*")).parent), size_guidance={"scalars": 0})
     acc.Reload()
     s = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
     rows, prev = [], 0

@@ -80,10 +80,27 @@ def run_train(*overrides: str, cwd: Path, timeout: float = 600) -> subprocess.Co
                           stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
 
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """All scalar series of the run's events files: tag -> [(step, value)]."""
+def events_dir(run_dir: Path) -> Path:
+    """The run's TensorBoard run directory, ``<run dir>/tb/<run name>`` (exactly one)."""
+    (found,) = {p.parent for p in (run_dir / "tb").rglob("events.out.tfevents.*")}
+    return found
+
+
+def _events(run_dir: Path, kind: str):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(events_dir(run_dir)), size_guidance={kind: 0})
     acc.Reload()
+    return acc
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """All scalar series of the run's events files: tag -> [(step, value)]."""
+    acc = _events(run_dir, "scalars")
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def images(run_dir: Path) -> dict[str, list]:
+    """All image series of the run's events files: tag -> [image events]."""
+    acc = _events(run_dir, "images")
+    return {tag: acc.Images(tag) for tag in acc.Tags()["images"]}

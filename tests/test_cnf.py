@@ -253,20 +253,11 @@ CNF_TINY = ["model=cnf", "dataset=8gaussians", "model.hidden_dims=[16,16]", "dat
             "eval.rtols=[1e-2]", "model.figure_resolution=24", "model.figure_samples=200", "optim=adam"]
 
 
-def images(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0})
-    acc.Reload()
-    return {tag: acc.Images(tag) for tag in acc.Tags()["images"]}
-
-
 def test_entry_point_cnf_logs_nll_nfe_and_figure(tmp_path):
-    from conftest import run_train, scalars
+    from conftest import images, scalars, train_here
 
     out = tmp_path / "run"
-    res = run_train(*CNF_TINY, f"hydra.run.dir={out}", cwd=tmp_path, timeout=300)
-    assert res.returncode == 0, res.stdout
+    assert train_here(*CNF_TINY, run_dir=out) == 0
     logged = scalars(out)
     needed = {"train/nll", "test/nll", "nfe/forward", "nfe/backward", "train/loss", "test/nfe_forward"}
     assert needed <= logged.keys(), needed - logged.keys()
@@ -276,29 +267,36 @@ def test_entry_point_cnf_logs_nll_nfe_and_figure(tmp_path):
 
 
 def test_entry_point_cnf_regularised_logs_regularisers(tmp_path):
-    from conftest import run_train, scalars
+    from conftest import scalars, train_here
 
     out = tmp_path / "run"
-    res = run_train(*CNF_TINY, "model.kinetic_weight=0.1", "model.jacobian_weight=0.1", "model.trace=hutchinson",
-                    "model.noise=rademacher", f"hydra.run.dir={out}", cwd=tmp_path, timeout=300)
-    assert res.returncode == 0, res.stdout
+    assert train_here(*CNF_TINY, "model.kinetic_weight=0.1", "model.jacobian_weight=0.1", "model.trace=hutchinson",
+                      "model.noise=rademacher", run_dir=out) == 0
     logged = scalars(out)
     assert {"train/kinetic", "train/jacobian", "test/kinetic", "test/jacobian"} <= logged.keys()
 
 
+def test_unknown_toy_dataset_fails_to_compose_listing_the_choices():
+    from hydra.errors import ConfigCompositionException
+
+    from conftest import compose
+
+    with pytest.raises(ConfigCompositionException) as e:
+        compose(*CNF_TINY, "dataset=foo")
+    assert "8gaussians" in str(e.value.__cause__ or e.value)
+
+
 @pytest.mark.parametrize("override, message", [
-    ("dataset=foo", "8gaussians"),
     ("model.trace=foo", "exact, hutchinson"),
     ("model.noise=foo", "gaussian, rademacher"),
     ("dataset.name=foo", "checkerboard"),
 ])
-def test_bad_cnf_options_fail_before_work(override, message, tmp_path):
-    from conftest import run_train
+def test_bad_cnf_options_fail_before_work(override, message, tmp_path, caplog):
+    from conftest import train_here
 
     out = tmp_path / "run"
-    res = run_train(*CNF_TINY, override, f"hydra.run.dir={out}", cwd=tmp_path, timeout=120)
-    assert res.returncode != 0
-    assert message in res.stdout, res.stdout
+    assert train_here(*CNF_TINY, override, run_dir=out) == 2
+    assert message in caplog.text, caplog.text
     assert not (out / "tb").exists()
 
 

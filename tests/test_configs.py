@@ -19,7 +19,7 @@ from neuralode.tasks import build_task
 
 register_configs()
 CONF = importlib.resources.files("neuralode.conf")
-GROUPS = ["model", "solver", "dataset", "optim", "trainer", "tol", "experiment"]
+GROUPS = ["model", "solver", "dataset", "optim", "trainer", "experiment"]
 OPTIONS = [(g, f.name[:-5]) for g in GROUPS for f in sorted(CONF.joinpath(g).iterdir(), key=lambda f: f.name)
            if f.name.endswith(".yaml")]
 
@@ -58,6 +58,8 @@ EXPLICIT_RK = {"euler", "midpoint", "heun2", "heun3", "rk4", "fehlberg2", "adapt
 def partner(group: str, option: str) -> list[str]:
     if group == "model" and option in DATASET_FOR_MODEL:
         return [f"dataset={DATASET_FOR_MODEL[option]}"]
+    if group == "experiment" and option == "cnf_fm_then_ml_checkerboard":
+        return ["model.init_from=null"]  # it fine-tunes a finished flow-matching run (tests/test_flow_matching.py)
     if group == "dataset":
         schema = OmegaConf.get_type(compose("config", overrides=[f"dataset={option}"]).dataset).__name__
         if schema in MODEL_FOR_DATASET:
@@ -106,9 +108,57 @@ def test_rknet_is_odenet_with_direct_backprop_and_overridable():
     assert cfg_for("model=rknet", "solver.grad=adjoint").solver.grad == "adjoint"
 
 
+def test_tolerances_move_together():
+    """tol sets both, atol follows rtol (so an rtol sweep changes the solver's work), an explicit atol stays."""
+    tols = lambda *o: (cfg_for(*o).rtol, cfg_for(*o).atol)  # noqa: E731
+    assert tols() == (1e-3, 1e-3)
+    assert tols("tol=1e-5") == (1e-5, 1e-5)
+    assert tols("rtol=1e-5") == (1e-5, 1e-5)
+    assert tols("rtol=1e-5", "atol=1e-7") == (1e-5, 1e-7)
+    assert tols("tol=1e-4", "rtol=1e-6") == (1e-6, 1e-6)
+    # latent ODEs keep atol a tenth of rtol, also under a sweep
+    assert tols("model=latent_ode") == (1e-3, 1e-4)
+    assert tols("model=latent_ode", "rtol=1e-5") == (1e-5, 1e-6)
+    assert tols("experiment=spirals_latent_ode_30", "rtol=1e-2") == (1e-2, 1e-3)
+
+
+def test_rtol_sweep_jobs_differ_in_atol():
+    """`-m rtol=1e-2,1e-4` composes two jobs whose atol differ (Hydra's sweeper composes each job like this)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    (sweep,) = OverridesParser.create().parse_overrides(["rtol=1e-2,1e-4"])
+    jobs = [cfg_for(f"rtol={v}") for v in sweep.sweep_string_iterator()]
+    assert [(c.rtol, c.atol) for c in jobs] == [(1e-2, 1e-2), (1e-4, 1e-4)]
+
+
+@pytest.mark.parametrize("model, expect", [
+    ("cnf", dict(dataset="8gaussians", optim="adam", trace="exact", grad="direct")),
+    ("latent_ode", dict(dataset="spirals", optim="adam", grad="direct")),
+    ("rnn", dict(dataset="spirals", optim="adam")),
+    ("odenet", dict(dataset="mnist", optim="sgd")),
+])
+def test_family_defaults(model, expect):
+    cfg = cfg_for(f"model={model}")
+    got = dict(dataset=cfg.dataset.name, optim=cfg.optim.name, trace=cfg.model.get("trace"), grad=cfg.solver.grad)
+    assert {k: got[k] for k in expect} == expect
+
+
+def test_family_defaults_follow_the_dataset_and_yield_to_the_command_line():
+    images = cfg_for("model=cnf", "dataset=mnist")
+    assert (images.model.trace, images.solver.grad, images.rtol) == ("hutchinson", "adjoint", 1e-5)
+    mine = cfg_for("model=cnf", "dataset=mnist", "model.trace=exact", "solver.grad=direct", "optim=sgd", "tol=1e-2")
+    assert (mine.model.trace, mine.solver.grad, mine.optim.name, mine.rtol) == ("exact", "direct", "sgd", 1e-2)
+    assert cfg_for("model=latent_ode", "optim.lr=0.5").optim.lr == 0.5
+
+
+def test_smoke_caps_any_preset():
+    for preset in ("mnist_paper", "spirals_latent_ode_30", "cnf_checkerboard"):
+        t = cfg_for(f"experiment={preset}", "trainer=smoke").trainer
+        assert (t.epochs, t.limit_batches, t.limit_eval_batches) == (1, 2, 1), preset
+    assert cfg_for("experiment=mnist_paper", "trainer=smoke", "trainer.limit_batches=5").trainer.limit_batches == 5
+
+
 def test_presets():
-    assert (cfg_for("tol=tight").rtol, cfg_for("tol=tight").atol) == (1e-5, 1e-5)
-    assert cfg_for("tol=tight", "rtol=1e-3").rtol == 1e-3
     paper = cfg_for("experiment=mnist_paper")
     assert list(paper.optim.milestones) == [60, 100, 140] and paper.trainer.epochs == 160
     assert paper.dataset.augment and paper.optim.momentum == 0.9 and paper.trainer.batch_size == 128
@@ -147,10 +197,11 @@ def test_help_and_cfg_job_do_not_import_the_model_zoo(tmp_path):
     import sys
 
     zoo = ("neuralode.models", "neuralode.tasks", "torchvision")
-    for args in (["--cfg", "job"], ["--help"]):
+    for args, shown in ((["--cfg", "job"], "method: dopri5"), (["--help"], "usage: neuralode-train")):
         res = subprocess.run([sys.executable, "-X", "importtime", "-m", "neuralode.train", *args], cwd=tmp_path,
                              capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0 and "method: dopri5" in res.stdout, res.stdout + res.stderr
+        assert res.returncode == 0 and shown in res.stdout, res.stdout + res.stderr
+        assert "schema" not in res.stdout and "powered by Hydra" not in res.stdout  # only user-facing groups
         imported = {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines()
                     if line.startswith("import time")}
         assert {"neuralode.config", "neuralode.run", "hydra"} <= imported  # the check sees real imports
@@ -181,3 +232,17 @@ def test_paper_parameter_counts():
     count = lambda *o: sum(p.numel() for p in build_task(cfg_for("model.width=64", *o)).model.parameters())  # noqa
     assert 0.19e6 < count("model=odenet") < 0.25e6
     assert 0.55e6 < count("model=resnet") < 0.65e6
+
+
+def test_readme_configuration_table_lists_every_option():
+    """The README's configuration table names every option of every user-facing group, so it cannot go stale."""
+    from pathlib import Path
+
+    from neuralode.train import USER_GROUPS, group_options
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme[readme.index("| group | options | what it sets |"):]
+    rows = {line.split("|")[1].strip(" `"): line for line in table.split("\n\n")[0].splitlines()[2:]}
+    assert set(rows) == set(USER_GROUPS)
+    missing = {g: [o for o in group_options(g) if f"`{o}`" not in rows[g].split("|")[2]] for g in USER_GROUPS}
+    assert not any(missing.values()), f"README configuration table lacks {missing}"

@@ -143,13 +143,16 @@ def test_bad_resume_target_is_refused_before_training(case, overrides, fragments
 def test_sweep_with_a_failing_job_runs_every_job_and_names_the_failure(fake_mnist, tmp_path):
     sweep = tmp_path / "sweep"
     res = run_train("-m", "rtol=0.1,-1,0.05", f"hydra.sweep.dir={sweep}", f"data_dir={fake_mnist}",
-                    *[o for o in SHORT if not o.startswith("rtol")], cwd=tmp_path, timeout=900)
+                    *[o for o in SHORT if not o.startswith(("rtol", "atol"))], cwd=tmp_path, timeout=900)
     assert res.returncode == 2, res.stdout  # the first failed job's exit code
     assert "Traceback" not in res.stdout
     status = {j: json.loads((sweep / j / "metrics.json").read_text()) for j in ("0", "1", "2")}
     assert [status[j]["status"] for j in ("0", "1", "2")] == ["completed", "failed", "completed"]
     assert status["1"]["exit_code"] == 2 and "rtol=-1.0 must be > 0" in status["1"]["error"]
-    assert len(list(sweep.glob("[02]/tb/events.out.tfevents.*"))) == 2 and not (sweep / "1" / "tb").exists()
+    # TensorBoard names each job after its overrides; atol followed each job's rtol
+    assert len(list(sweep.glob("0/tb/*rtol=0.1*/events.out.tfevents.*"))) == 1, list(sweep.rglob("events*"))
+    assert len(list(sweep.glob("2/tb/*rtol=0.05*/events.out.tfevents.*"))) == 1 and not (sweep / "1" / "tb").exists()
+    assert (status["0"]["atol"], status["2"]["atol"]) == (0.1, 0.05)
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert [(r["job"], r["status"], r["rtol"]) for r in rows] == [("0", "completed", "0.1"), ("1", "failed", "-1.0"),
                                                                   ("2", "completed", "0.05")]

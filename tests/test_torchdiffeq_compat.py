@@ -572,6 +572,39 @@ def test_odeint_event_gradients_match(interface):
     torch.testing.assert_close(out[1], out[0], rtol=1e-4, atol=1e-4)
 
 
+def test_event_function_zero_on_an_interval_stops_where_it_starts():
+    """torchdiffeq's examples/learn_physics.py guards its event function with a terminal time:
+    ``return zeros_like(t)`` past T. A zero is an event (as a sign change), and a zero that is not
+    isolated is located at its start, T, not at the end of the step that first saw it. The guard
+    does not depend on (t, y), so the event time carries no gradient and the state keeps the
+    gradients of a solve to the fixed time T, as torchdiffeq's ``odeint(..., event_fn=)`` gives
+    (its ``odeint_event`` adds a spurious term here, so gradients are checked analytically)."""
+    T = 2.5
+
+    def fly(t, s):
+        return s[1], -torch.ones_like(s[1])  # thrown upwards: the ground is never reached before T
+
+    def guarded(t, s):
+        if t > T:
+            return torch.zeros_like(t)
+        return s[0] + 100.0
+
+    out = []
+    for lib in LIBS.values():
+        y0 = (torch.tensor([1.0], dtype=F64, requires_grad=True), torch.tensor([3.0], dtype=F64, requires_grad=True))
+        event_t, sol = lib.odeint_event(fly, y0, torch.tensor([0.0], dtype=F64), event_fn=guarded,
+                                        rtol=1e-8, atol=1e-8)
+        assert abs(event_t.item() - T) < 1e-7, (lib.__name__, event_t.item())
+        (sol[0][-1] + 2 * sol[1][-1]).sum().backward()
+        out.append((event_t.detach(), sol[0][-1].detach(), y0[0].grad.clone(), y0[1].grad.clone()))
+    for ours, theirs in zip(out[0][:2], out[1][:2]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    # pos(T) = 1 + 3T - T^2/2 and d/d(pos0, vel0) of pos(T) + 2 vel(T) = (1, T + 2), at fixed T
+    ours = out[list(LIBS).index("neuralode")]
+    torch.testing.assert_close(ours[1], torch.tensor([1 + 3 * T - T * T / 2], dtype=F64))
+    torch.testing.assert_close(torch.cat(ours[2:]), torch.tensor([1.0, T + 2], dtype=F64))
+
+
 def test_odeint_adjoint_event_time_is_an_output():
     """torchdiffeq's adjoint event test: event_t.backward() and y.sum().backward() both run."""
     f, y0, t = _problem(F64)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import signal
 import subprocess
 import time
@@ -13,7 +14,7 @@ import time
 import pytest
 import torch
 
-from conftest import SHARED_MNIST, TINY, run_train, scalars, train_cmd, train_here
+from conftest import SHARED_MNIST, TINY, events_dir, run_train, scalars, train_cmd, train_here
 
 TAGS = {"train/loss", "train/acc", "test/loss", "test/acc", "nfe/forward", "nfe/backward",
         "nfe/forward_epoch", "nfe/backward_epoch", "time/iter", "time/epoch", "lr"}
@@ -24,7 +25,10 @@ def test_training_logs_tags_and_checkpoints(model, fake_mnist, tmp_path, caplog)
     caplog.set_level(logging.INFO, logger="neuralode")
     out = tmp_path / "run"
     assert train_here(f"model={model}", f"data_dir={fake_mnist}", *TINY, run_dir=out) == 0
-    assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
+    # TensorBoard names a single run after the model, solver and gradient mode
+    grad = "direct" if model == "rknet" else "adjoint"
+    assert events_dir(out) == out / "tb" / f"{model}-dopri5-{grad}"
+    assert len(list(events_dir(out).glob("events.out.tfevents.*"))) == 1
     logged = scalars(out)
     assert TAGS <= logged.keys(), TAGS - logged.keys()
     assert [s for s, _ in logged["train/loss"]] == [1, 2]
@@ -131,14 +135,15 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes(straight_run, fake_mnist, tmp
         while time.time() < deadline and "training: epochs" not in _read(first / "train.log"):
             time.sleep(0.05)
         events = first / "tb"
-        while time.time() < deadline and not any(f.stat().st_size > 200 for f in events.glob("events*")):
+        while time.time() < deadline and not any(f.stat().st_size > 200 for f in events.rglob("events*")):
             time.sleep(0.05)  # a few iterations were logged
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=300)
     finally:
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, out
-    assert f"continue with resume={first}" in out
+    # the exact command that resumes the run
+    assert f"resume with: {shlex.join(['neuralode-train', *overrides, f'resume={first}'])}" in out, out
     ckpt = torch.load(first / "checkpoints" / "last.pt", weights_only=True)
     assert 0 < ckpt["step"] < 24
     metrics = json.loads((first / "metrics.json").read_text())

@@ -53,7 +53,7 @@ class ConcatSquashLinear(nn.Module):
         self.shift = nn.Linear(1, d_out, bias=False)
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        tt = t.reshape(1, 1).to(x.dtype)
+        tt = t.reshape(-1, 1).to(x.dtype)  # one time for the batch, or one per sample (flow matching)
         return self.linear(x) * torch.sigmoid(self.gate(tt)) + self.shift(tt)
 
 
@@ -65,7 +65,7 @@ class ConcatConv2d(nn.Module):
         self.conv = nn.Conv2d(c_in + 1, c_out, kernel, padding=padding)
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        tt = t.to(x.dtype).expand(x.shape[0], 1, *x.shape[2:])
+        tt = t.to(x.dtype).reshape(-1, 1, 1, 1).expand(x.shape[0], 1, *x.shape[2:])  # scalar or per-sample t
         return self.conv(torch.cat([tt, x], 1))
 
 
@@ -220,9 +220,14 @@ class CNF(nn.Module):
     def trace(self) -> Trace:
         return self.blocks[0].trace
 
-    def forward(self, x: torch.Tensor, with_regularisers: bool | None = None
+    def forward(self, x: torch.Tensor, with_regularisers: bool | None = None, t: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(z, Δlogp, E_kin, J_frob)`` after all blocks."""
+        """``(z, Δlogp, E_kin, J_frob)`` after all blocks. With ``t`` (one time per sample), no solve:
+        the single block's vector field f(t, x) (flow-matching training, through DDP's forward)."""
+        if t is not None:
+            if len(self.blocks) != 1:
+                raise ValueError("flow matching trains a single-block CNF (model.num_blocks=1)")
+            return self.blocks[0].net(t, x)
         z = x
         delta = kinetic = frob = x.new_zeros(x.shape[0])
         for block in self.blocks:

@@ -53,3 +53,10 @@ def solver_overrides(model: nn.Module, **changes: Any) -> Iterator[None]:
     finally:
         for (m, name), s in zip(holders, saved):
             setattr(m, name, s)
+
+
+def set_solver(model: nn.Module, **changes: Any) -> None:
+    """Change the solver settings held anywhere in ``model`` for good (as :func:`solver_overrides`
+    does for a block of code), e.g. the training tolerance ``tol=auto`` chose."""
+    for m, name in _holders(model):
+        setattr(m, name, getattr(m, name).replace(**changes))

@@ -23,10 +23,15 @@ class CheckpointedSolve(torch.autograd.Function):
         ctx.starts, ctx.n_params = sorted(trace.states), len(params)
         # the checkpoints go through autograd too, so memory watches (record_stats(memory=True)) see them
         ctx.save_for_backward(*params, *(trace.states.pop(s) for s in ctx.starts))
-        return ys
+        errors = run.setup.prob.errors
+        if errors is None:
+            return ys
+        # the error regulariser's sum of the accepted steps' error terms, a second output whose
+        # gradient the backward replay adds (the terms are rebuilt with their graph there)
+        return ys, torch.stack(errors).sum() if errors else ys.new_zeros(())
 
     @staticmethod
-    def backward(ctx, grad_ys: torch.Tensor):
+    def backward(ctx, grad_ys: torch.Tensor, *grad_rest):
         saved = ctx.saved_tensors
         params = saved[:ctx.n_params]
         trace, run = ctx.trace, ctx.run
@@ -42,6 +47,7 @@ class CheckpointedSolve(torch.autograd.Function):
             while (steps[j][1] - t_out) * (steps[j][1] - steps[j][0]) < 0:
                 j += 1
             owner.append(j)
+        grad_err = grad_rest[0] if grad_rest else None
         a = torch.zeros_like(grad_ys[0])
         g = [torch.zeros_like(p) for p in params]
         end = len(steps)
@@ -49,8 +55,12 @@ class CheckpointedSolve(torch.autograd.Function):
             idx = [i + 1 for i, o in enumerate(owner) if s <= o < end]
             with torch.enable_grad():
                 y = trace.states[s].detach().requires_grad_(True)
-                outs = replay(prob, y, steps[s:end], [ts[i] for i in idx])
-            grads = torch.autograd.grad(outs, (y, *params), [grad_ys[i] for i in idx] + [a], allow_unused=True)
+                errs = [] if grad_err is not None else None
+                outs = replay(prob, y, steps[s:end], [ts[i] for i in idx], errors=errs)
+                weights = [grad_ys[i] for i in idx] + [a]
+                if errs:
+                    outs, weights = outs + [torch.stack(errs).sum()], weights + [grad_err]
+            grads = torch.autograd.grad(outs, (y, *params), weights, allow_unused=True)
             a = grads[0]
             g = [acc if d is None else acc + d for acc, d in zip(g, grads[1:])]
             end = s

@@ -43,6 +43,12 @@ def odeint_event(func: Callable, y0, t0: torch.Tensor, *, event_fn: Callable, re
         tt = t_star.clone().requires_grad_(True)
         yy = structure.flatten(y_star).detach().requires_grad_(True)
         g = component(tt, structure.unflatten(yy))
+        if not g.requires_grad:
+            # event_fn is constant in (t, y) at the event, e.g. a terminal guard returning
+            # zeros_like(t) past the end (torchdiffeq's examples/learn_physics.py): the event time
+            # is a fixed time, so, as in torchdiffeq, it gets no derivative and the state keeps a
+            # fixed-time solve's gradients
+            return t_star, solution
         dg_dt, dg_dy = torch.autograd.grad(g, (tt, yy), allow_unused=True)
         f = structure.flatten(func(t_star, structure.unflatten(yy.detach()))).detach()
     c = (dg_dy * f).sum() if dg_dy is not None else torch.zeros((), dtype=f.dtype, device=f.device)

@@ -51,6 +51,10 @@ class Problem:
     autodiff: bool = True  # False when func cannot itself be differentiated (Jacobians by differences)
     callbacks: Optional[Callbacks] = None
     time_dtype: torch.dtype = torch.float64  # what func sees: one-sided evaluations step by its resolution
+    # This solve's sink for local error estimates: when a list, every accepted step of an adaptive
+    # explicit method appends its scaled error norm, a tensor differentiable through the stages
+    # (``SolverSettings.odeint(..., error_estimates=[])``; the error regulariser sums them).
+    errors: Optional[list] = None
 
     def nudge(self, t: float, direction: float) -> float:
         """The next time after ``t`` in ``direction`` that func can tell apart from ``t``."""
@@ -271,6 +275,8 @@ def _adaptive(prob: Problem, res: Result, y0: torch.Tensor, ts: Sequence[float],
             continue
         if cb is not None and cb.accept is not None:
             cb.accept(t, y, dt)
+        if prob.errors is not None:
+            prob.errors.append(stepper.error_term(step, abs_y, abs_y1))
         abs_y = abs_y1
         h = abs(dt) * controller.factor(ratio, True)
         res.next_h = h
@@ -374,23 +380,33 @@ def _stops(o: Options, t0: float, t1: float, direction: float) -> Tuple[List[flo
 
 
 def _locate_event(event: EventFn, interp: Callable[[float], torch.Tensor], step: Step, g0: float, g1: float) -> float:
-    """The zero of event(t, y(t)) inside the step, on the dense output (Illinois false position)."""
-    a, b, ga, gb = step.t, step.t + step.h, g0, g1
-    side = 0
-    for _ in range(60):
-        if gb == 0.0 or abs(b - a) <= 4 * math.ulp(max(abs(a), abs(b))):
+    """The first time inside the step where event(t, y(t)) leaves g0's sign, on the dense output.
+
+    As in torchdiffeq a zero counts as having left it, and a zero need not be isolated (an event
+    function may return 0 on a whole interval, e.g. a terminal guard past the last time of
+    interest): the bracket [lo, hi] keeps lo strictly on g0's side and hi at or past the event;
+    Illinois false position narrows it while g(hi) != 0, bisection while g(hi) == 0."""
+    lo, hi, glo, ghi = step.t, step.t + step.h, g0, g1
+    before = g0 > 0
+    moved = 0  # +1: hi moved last, -1: lo moved last (Illinois halves the stale end's value)
+    for _ in range(200):
+        if abs(hi - lo) <= 4 * math.ulp(max(abs(lo), abs(hi))):
             break
-        c = b - gb * (b - a) / (gb - ga)
+        c = lo + 0.5 * (hi - lo) if ghi == 0.0 else hi - ghi * (hi - lo) / (ghi - glo)
+        if not (min(lo, hi) < c < max(lo, hi)):
+            c = lo + 0.5 * (hi - lo)
         gc = event(c, interp(c))
-        if (gc < 0) == (gb < 0):
-            b, gb = c, gc
-            if side == -1:
-                ga /= 2
-            side = -1
+        if gc == 0.0 or (gc > 0) != before:
+            hi, ghi = c, gc
+            if moved == 1:
+                glo /= 2
+            moved = 1
         else:
-            a, ga, b, gb = b, gb, c, gc
-            side = 1
-    return b
+            lo, glo = c, gc
+            if moved == -1:
+                ghi /= 2
+            moved = -1
+    return hi
 
 
 def _before_jump(prob: Problem, t_jump: float, direction: float) -> Func:
@@ -428,10 +444,10 @@ def _emit(interp, func: Func, step: Step, ts: Sequence[float], i: int, outputs: 
 
 
 def replay(prob: Problem, y: torch.Tensor, steps: Sequence[Tuple[float, float, bool, object]],
-           ts: Sequence[float]) -> List[torch.Tensor]:
+           ts: Sequence[float], errors: Optional[list] = None) -> List[torch.Tensor]:
     """Re-run recorded steps exactly (no error control) with a fresh stepper and return the outputs
     at ``ts`` among them followed by the final state. Checkpointed gradients rebuild one segment's
-    graph with it."""
+    graph with it; ``errors`` collects the steps' error terms again (as ``Problem.errors``)."""
     func = prob.func
     stepper = prob.method.start(prob)
     interp = _interpolator(prob, stepper)
@@ -451,6 +467,8 @@ def replay(prob: Problem, y: torch.Tensor, steps: Sequence[Tuple[float, float, b
             raise SolverError(f"checkpoint replay: the Newton iteration did not converge at t={t:.6g} (dt={t_next - t:.3g}) "
                               "where the forward solve did; use grad='direct' or a tighter tolerance for this problem")
         stepper.accepted(step, n + 1, steps[-1][1], math.inf)  # multistep methods keep their history
+        if errors is not None:  # the forward pass's error scale: |state| at the step's start and end
+            errors.append(stepper.error_term(step, step.y.detach().abs(), step.y1.detach().abs()))
         i = _emit(interp, step_func, step, ts, i, outputs, t_next, direction)
         y = step.y1
         if n + 1 < len(steps):

@@ -289,10 +289,26 @@ def _grid(setup: Setup, t: torch.Tensor, ts) -> Optional[list]:
     return list(ts) if fixed_method else None
 
 
+def check_error_estimates(settings: SolverSettings) -> None:
+    """``error_estimates=`` needs accepted steps with an embedded error estimate, differentiated
+    through the forward solve."""
+    method = get_method(settings.method)
+    if method.kind != "explicit" or method.multistep or not settings.adaptive or settings.parsed.per_sample:
+        raise ValueError(f"error_estimates needs an adaptive explicit Runge-Kutta method on the batch (dopri5, tsit5, "
+                         f"bosh3, dopri8, fehlberg2, adaptive_heun; no step_size, no per_sample), got {method.name!r}")
+    if not isinstance(settings.grad, (Direct, Checkpoint)):
+        raise ValueError(f"error_estimates are differentiated through the forward solve: use grad='direct' or "
+                         f"grad='checkpoint', not {settings.grad.name!r}")
+
+
 def solve_ivp(settings: SolverSettings, func: Callable, y0: State, t: torch.Tensor, *,
-              event_fn: Optional[Callable] = None, adjoint_params=None):
+              event_fn: Optional[Callable] = None, adjoint_params=None, error_estimates: Optional[list] = None):
     """One solve with ``settings``: returns the states at ``t`` (leading time axis, ``y0``'s
-    structure), or ``(event_t, states at [t0, event_t])`` with ``event_fn``."""
+    structure), or ``(event_t, states at [t0, event_t])`` with ``event_fn``. ``error_estimates``:
+    a list that receives this solve's accepted-step error terms (see :func:`check_error_estimates`;
+    direct mode appends one tensor per step, checkpoint mode their sum), differentiable."""
+    if error_estimates is not None:
+        check_error_estimates(settings)
     if settings.parsed.per_sample:
         from .per_sample import solve_per_sample
 
@@ -323,9 +339,14 @@ def solve_ivp(settings: SolverSettings, func: Callable, y0: State, t: torch.Tens
         y0_flat = y0_flat + (t[0].detach() - t[0]).to(y0_flat.dtype) * f_start
 
     run = Run(setup, ts, grid, event)
+    if error_estimates is not None:  # direct: the steps append to the caller's list; checkpoint: see below
+        setup.prob.errors = error_estimates if isinstance(grad, Direct) else []
     if isinstance(grad, Direct):
         res = run.forward(y0_flat)
         ys = torch.stack(res.outputs)
+    elif isinstance(grad, Checkpoint) and error_estimates is not None:
+        ys, error_sum = CheckpointedSolve.apply(run, y0_flat, *params)
+        error_estimates.append(error_sum)
     elif isinstance(grad, Checkpoint):
         ys = CheckpointedSolve.apply(run, y0_flat, *params)
     elif isinstance(grad, Reversible):

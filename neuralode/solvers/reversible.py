@@ -27,7 +27,10 @@ about exp(-x) (the dynamics run backwards) and 1/lambda. Lambda close to 1 keeps
 reconstruction accurate over many steps (lambda^-N = e^10 at N = 10^4 for 0.999); strongly
 contracting dynamics (mu*T << -30, e.g. Lorenz beyond T ~ 2) cannot be reconstructed in floating
 point by any reversible scheme: the backward pass then reports the error and stops (use
-grad="checkpoint"). Output times are landed on exactly (the steps are never interpolated).
+grad="checkpoint"). The forward pass stops too (SolverError) once y - z, the spurious mode, exceeds
+min(1e4 tolerances, |y|/2): with the default coupling that happens on Lorenz before t = 1. Output
+times are landed on exactly (the steps are never interpolated). Without gradients to compute the
+ordinary solve runs. Measured numbers: docs/gradients.md.
 """
 from __future__ import annotations
 
@@ -43,7 +46,9 @@ from .integrate import DEFAULT_MAX_STEPS
 from .rk import Step, combine
 
 CHECKPOINT_HINT = "use grad='checkpoint' (exact, bounded memory) or grad='direct'"
-DRIFT_FACTOR = 100  # y - z beyond this many tolerances at an output: the spurious mode has grown
+DRIFT_FACTOR = 100  # y - z beyond this many tolerances at an output: the spurious mode has grown (a warning)
+DIVERGED, DIVERGED_REL = 1e4, 0.5  # beyond min(this many tolerances, this fraction of |y|): SolverError
+GUARD_EVERY = 64  # fixed grids: check the coupled states every this many steps (adaptive: every step)
 
 
 def _last_nonzero(*rows) -> int:
@@ -137,6 +142,23 @@ class _Forward:
                     "dynamics contract faster than the coupling damps. Use grad='checkpoint', or a smaller coupling "
                     "for short solves.", UserWarning, stacklevel=9)
 
+    def _guard(self, y: torch.Tensor, z: torch.Tensor, t: float) -> None:
+        """Stop as soon as the spurious mode has grown to a visible part of the solution: the solve
+        is then wrong, and left alone it grows until the step size collapses (minutes of work)."""
+        with torch.no_grad():
+            gap, size = float((y - z).abs().max()), float(y.abs().max())
+        tol = self.prob.tol
+        allowed = min(DIVERGED * (float(torch.as_tensor(tol.atol).max()) + float(torch.as_tensor(tol.rtol).max()) * size),
+                      DIVERGED_REL * size) if self.run.grid is None else DIVERGED_REL * size
+        if not gap <= allowed:
+            raise SolverError(
+                f"{self.prob.label}: grad='reversible' is unstable here: the two coupled states of the reversible "
+                f"{self.prob.method.name} separated by {gap:.3g} (the solution's size is {size:.3g}) after "
+                f"{len(self.steps)} steps, at t={t:.6g}. The dynamics contract faster than coupling={self.stepper.coupling} "
+                "damps the scheme's spurious mode (strongly dissipative or chaotic dynamics, long horizons). "
+                "Use grad='checkpoint' (exact, bounded memory), grad='direct', or for short solves a smaller coupling, "
+                "e.g. Reversible(coupling=0.9)")
+
     def _emit(self, y: torch.Tensor, z: torch.Tensor) -> None:
         self.ys.append(y)
         self.zs.append(z)
@@ -152,6 +174,8 @@ class _Forward:
     def _take(self, func, t: float, t1: float, on_jump: bool, y, z, phi, stop_is_output: bool):
         y, z = self.stepper.couple(func, t, t1, y, z, phi)
         self.steps.append((t, t1, on_jump))
+        if self.run.grid is None or len(self.steps) % GUARD_EVERY == 0:  # adaptive: it synchronises anyway
+            self._guard(y, z, t1)
         if stop_is_output:
             self._emit(y, z)
         return y, z
@@ -334,10 +358,15 @@ def _record(stats, error: float, n_steps: int) -> None:
 
 
 def solve_reversible(run, y0: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The states at the output times, differentiable by reconstruction (grad=Reversible(...))."""
+    """The states at the output times, differentiable by reconstruction (grad=Reversible(...)).
+    Without gradients to compute (``torch.no_grad()``, or neither y0 nor a parameter requires
+    grad) it is the ordinary solve of the method: the coupled scheme exists only to be reversed."""
     if run.event is not None:
         raise ValueError("grad='reversible' does not support event_fn (the event time is not a step of the reversible "
                          "scheme); " + CHECKPOINT_HINT)
+    if not torch.is_grad_enabled() or not any(x.requires_grad for x in (y0, *params)):
+        # nothing to differentiate (evaluation): the ordinary solve, more accurate and half the evaluations
+        return torch.stack(run.forward(y0).outputs)
     return ReversibleSolve.apply(run, y0, *params)
 
 

@@ -129,6 +129,12 @@ class ExplicitStepper:
             errs.append(combine(None, step.h, tab.e3, step.ks))
         return errs
 
+    def error_term(self, step: Step, abs_y: torch.Tensor, abs_y1: torch.Tensor) -> torch.Tensor:
+        """The step's scaled error norm (the controller's ratio) as a tensor differentiable through the
+        stages; the scale ``atol + rtol * max(|y0|, |y1|)`` is held constant. For the error regulariser."""
+        e = combine(None, step.h, self.tab.e, step.ks)
+        return self.norm(e / self.tol.scale(abs_y.detach(), abs_y1.detach()))
+
     def error(self, step: Step, abs_y: torch.Tensor) -> Tuple[float, torch.Tensor]:
         """The error norm (<= 1 accepts) and |y1|, reused as the next step's |y0|: one host read,
         which also carries the stiffness estimate on the steps that check it."""

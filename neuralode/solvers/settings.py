@@ -261,6 +261,9 @@ def _check_reversible(method, opts: Options) -> None:
                          f"{method.name!r} is {what}: use grad='checkpoint' (exact, bounded memory) or grad='direct'")
     if opts.perturb:
         raise ValueError("grad='reversible' does not support options['perturb']; use grad='checkpoint' or grad='direct'")
+    if opts.per_sample:
+        raise ValueError("grad='reversible' does not support options['per_sample'] (one step sequence per sample); "
+                         "use grad='checkpoint' (exact, bounded memory), grad='direct' or grad='adjoint'")
 
 
 @dataclass(frozen=True, eq=False)
@@ -335,8 +338,11 @@ class SolverSettings:
         return dataclasses.replace(self, **changes)
 
     def odeint(self, func: Callable, y0, t: torch.Tensor, *, event_fn: Optional[Callable] = None,
-               adjoint_params=None):
-        """Solve dy/dt = func(t, y) with these settings (see :func:`neuralode.odeint`)."""
+               adjoint_params=None, error_estimates: Optional[list] = None):
+        """Solve dy/dt = func(t, y) with these settings (see :func:`neuralode.odeint`). A list passed
+        as ``error_estimates`` receives the solve's accepted-step error terms, differentiable
+        (direct and checkpoint modes, adaptive explicit methods; :func:`neuralode.solvers.odeint.solve_ivp`)."""
         from .odeint import solve_ivp
 
-        return solve_ivp(self, func, y0, t, event_fn=event_fn, adjoint_params=adjoint_params)
+        return solve_ivp(self, func, y0, t, event_fn=event_fn, adjoint_params=adjoint_params,
+                         error_estimates=error_estimates)

@@ -83,6 +83,34 @@ def solver_settings(cfg: Any) -> SolverSettings:
     return SolverSettings(method=s.method, rtol=float(cfg.rtol), atol=float(cfg.atol), options=options, grad=grad)
 
 
+def rnode_weights(cfg: Any) -> tuple[float, float]:
+    """The CNF's RNODE weights (kinetic, jacobian): ``regularizer=rnode`` when chosen (the config
+    check refuses it together with non-zero ``model.kinetic_weight``/``jacobian_weight``), else
+    the model's own keys. The CNF integrates them in its own augmented state (exact Frobenius norm
+    with the exact trace), so the generic regulariser leaves its RNODE part to the flow."""
+    rnode = cfg.get("regularizer", {}).get("rnode")
+    if rnode is not None:
+        return float(rnode.kinetic), float(rnode.jacobian)
+    return float(cfg.model.kinetic_weight), float(cfg.model.jacobian_weight)
+
+
+def regularization(cfg: Any):
+    """The run's :class:`~neuralode.models.regularize.Regularization` from ``cfg.regularizer``;
+    None when no regulariser is chosen. For the CNF only STEER goes through it (see :func:`rnode_weights`)."""
+    from neuralode.models.regularize import Regularization
+
+    reg = cfg.get("regularizer")
+    if reg is None:
+        return None
+    rnode, steer, error = reg.get("rnode"), reg.get("steer"), reg.get("error")
+    kinetic = jacobian = 0.0
+    if rnode is not None and cfg.model.name != "cnf":
+        kinetic, jacobian = float(rnode.kinetic), float(rnode.jacobian)
+    out = Regularization(kinetic, jacobian, float(steer.b) if steer is not None else 0.0,
+                         float(error.weight) if error is not None else 0.0)
+    return out if out.enabled else None
+
+
 def build_task(cfg: Any) -> Task:
     """Build the task for ``cfg.model.name``; raise ``KeyError`` listing known names."""
     from neuralode.tasks import classification  # noqa: F401  (registers odenet, resnet, rknet)

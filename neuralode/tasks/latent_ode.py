@@ -57,7 +57,8 @@ class LatentTimeSeries(Task):
         self.obs_dim = 2 if d.name == "spirals" else 1
         self.model = build_model(m.kind, self.obs_dim, solver_settings(cfg), latent_dim=m.latent_dim,
                                  rec_hidden=m.rec_hidden, dyn_hidden=m.dyn_hidden, dec_hidden=m.dec_hidden,
-                                 encoder=m.encoder, dyn_layers=m.dyn_layers, init_logvar=m.init_logvar)
+                                 encoder=m.encoder, dyn_layers=m.dyn_layers, init_logvar=m.init_logvar,
+                                 time_grid=m.time_grid)
         self.test_set = None
 
     # -- data ------------------------------------------------------------------
