@@ -56,17 +56,8 @@ def toy(args) -> dict:
     start, wall_start, cpu_start = clock(), time.perf_counter(), time.process_time()
     it, recent = 0, []
     while clock() - start < args.budget:
-        frac = (clock() - start) / args.budget  # cosine decay over the budget
-        for group in opt.param_groups:
-            group["lr"] = args.lr * max(0.02, 0.5 * (1 + math.cos(math.pi * frac)))
-        x = train[torch.randint(0, len(train), (args.batch,), generator=g)]
-        with record_stats() as st:
-            lp, kin, jac = model.log_prob(x)
-            nll = -lp.mean()
-            loss = nll + args.kinetic * kin.mean() + args.jacobian * jac.mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-        opt.step()
+        _cosine(opt, args.lr, (clock() - start) / args.budget)  # cosine decay over the budget
+        nll, kin, jac, st = _ml_step(model, opt, train[torch.randint(0, len(train), (args.batch,), generator=g)], args)
         it += 1
         recent.append((nll.item(), st.nfe_forward, st.nfe_backward, kin.mean().item(), jac.mean().item()))
         if it % args.log_every == 0:
@@ -151,6 +142,18 @@ def mnist(args) -> dict:
 
 
 # -- flow matching (issue 14) ------------------------------------------------------------------------
+def _ml_step(model, opt, x: torch.Tensor, args):
+    """One maximum-likelihood step (RNODE weights from ``args``): (nll, kinetic, jacobian, solver stats)."""
+    with record_stats() as st:
+        lp, kin, jac = model.log_prob(x)
+        nll = -lp.mean()
+        loss = nll + args.kinetic * kin.mean() + args.jacobian * jac.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    opt.step()
+    return nll, kin, jac, st
+
+
 def _cosine(opt, lr: float, frac: float) -> None:
     for group in opt.param_groups:
         group["lr"] = lr * max(0.02, 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
@@ -237,14 +240,8 @@ def fm(args) -> dict:
         with solver_overrides(model, rtol=args.ml_tol, atol=args.ml_tol):
             while clock() - start < args.then_ml:
                 _cosine(opt, args.ml_lr, (clock() - start) / args.then_ml)
-                x = train[torch.randint(0, len(train), (args.ml_batch,), generator=g)]
-                with record_stats() as st:
-                    lp, kin, jac = model.log_prob(x)
-                    nll = -lp.mean()
-                    loss = nll + args.kinetic * kin.mean() + args.jacobian * jac.mean()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                opt.step()
+                nll, _, _, st = _ml_step(model, opt, train[torch.randint(0, len(train), (args.ml_batch,), generator=g)],
+                                         args)
                 it += 1
                 if it % 25 == 0:
                     print(f"[{args.tag} ML] it {it} nll {nll.item():.4f} nfe_f {st.nfe_forward} "

@@ -95,3 +95,16 @@ class TanhMLP(nn.Module):
 def empirical_order(hs, errs) -> float:
     """Least-squares slope of log(err) against log(h)."""
     return float(np.polyfit(np.log(np.asarray(hs)), np.log(np.asarray(errs)), 1)[0])
+
+
+class TupleField(nn.Module):
+    """A tuple state of two shapes, x: (2,) and v: (2, 1), with parameters in both derivatives."""
+
+    def __init__(self):
+        super().__init__()
+        self.k = nn.Parameter(torch.tensor([0.7, 1.3], dtype=torch.float64))
+        self.c = nn.Parameter(torch.tensor(0.2, dtype=torch.float64))
+
+    def forward(self, t, state):
+        x, v = state
+        return v.reshape(2) * self.k, (-x * self.k - self.c * torch.sin(t) * x ** 2).reshape(2, 1)

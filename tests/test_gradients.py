@@ -21,7 +21,7 @@ from torch import nn
 
 from neuralode import Checkpoint, SolverError, odeint, odeint_adjoint, record_stats
 
-from solver_problems import TanhMLP, lorenz
+from solver_problems import TanhMLP, TupleField, lorenz
 
 F64 = torch.float64
 MODES = ("direct", "adjoint", "checkpoint")
@@ -131,23 +131,12 @@ def test_checkpoint_every_with_decreasing_time_and_jump():
     assert _rel(ckpt, direct) < 1e-12
 
 
-class _TupleField(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.k = nn.Parameter(torch.tensor([0.7, 1.3], dtype=F64))
-        self.c = nn.Parameter(torch.tensor(0.2, dtype=F64))
-
-    def forward(self, t, state):
-        x, v = state  # x: (2,), v: (2, 1)
-        return v.reshape(2) * self.k, (-x * self.k - self.c * torch.sin(t) * x ** 2).reshape(2, 1)
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_tuple_states_in_every_mode(mode):
     t = torch.linspace(0, 2, 3, dtype=F64)
 
     def grads(mode):
-        func = _TupleField()
+        func = TupleField()
         x0 = torch.tensor([1.0, -0.5], dtype=F64, requires_grad=True)
         v0 = torch.tensor([[0.2], [0.4]], dtype=F64, requires_grad=True)
         xs, vs = odeint(func, (x0, v0), t, rtol=1e-10, atol=1e-10, grad=mode)

@@ -24,7 +24,7 @@ from neuralode.solvers.odeint import Run, Setup, _grid, check_t
 from neuralode.solvers.reversible import unrolled
 
 from conftest import TINY, scalars, train_here
-from solver_problems import lorenz
+from solver_problems import TupleField, lorenz
 
 F64 = torch.float64
 METHODS = [("dopri5", {}), ("tsit5", {}), ("bosh3", {}), ("dopri8", {}),
@@ -103,20 +103,9 @@ def test_gradcheck(method, options):
     assert torch.autograd.gradcheck(fn, (y0, W, b), eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
-class _TupleField(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.k = nn.Parameter(torch.tensor([0.7, 1.3], dtype=F64))
-        self.c = nn.Parameter(torch.tensor(0.2, dtype=F64))
-
-    def forward(self, t, state):
-        x, v = state  # x: (2,), v: (2, 1)
-        return v.reshape(2) * self.k, (-x * self.k - self.c * torch.sin(t) * x ** 2).reshape(2, 1)
-
-
 def test_tuple_state():
     t = torch.linspace(0, 2, 3, dtype=F64)
-    func = _TupleField()
+    func = TupleField()
     x0 = torch.tensor([1.0, -0.5], dtype=F64, requires_grad=True)
     v0 = torch.tensor([[0.2], [0.4]], dtype=F64, requires_grad=True)
     xs, vs = odeint(func, (x0, v0), t, rtol=1e-8, atol=1e-8, method="tsit5", grad="reversible")
