@@ -1,15 +1,17 @@
-"""``neuralode-report <sweep dir>``: one table and one plot for a multirun.
+"""``neuralode-report <sweep dir>``: one table and two figures for a multirun.
 
 Each job writes ``metrics.json`` (see ``train.py``), so the summary needs no
-TensorBoard parsing. Writes ``summary.csv``, ``summary.md`` and ``summary.png``
-(accuracy and NFE against rtol) into the sweep directory. The plot is drawn
-with PIL, which torchvision already depends on, to keep matplotlib out of the
-runtime dependencies. Hydra runs this automatically at the end of a multirun
+TensorBoard parsing. Writes ``summary.csv`` and ``summary.md`` into the sweep
+directory, and with matplotlib (the ``plots`` extra, :mod:`neuralode.plots`)
+``summary.png`` (primary metric and NFE against rtol), ``pareto.png`` (primary
+metric against NFE and against wall time, with the non-dominated front) and both
+as TensorBoard images in ``tb/summary``, so ``tensorboard --logdir <sweep>`` shows
+them beside the jobs. Hydra runs this automatically at the end of a multirun
 through :class:`SweepSummaryCallback`.
 
 Failed and interrupted jobs are rows too, with their exit code and reason; a job
 directory whose ``metrics.json`` is missing or unreadable gets a row saying so.
-NaN and infinite metrics are reported as such and left out of the plot.
+NaN and infinite metrics are reported as such and left out of the figures.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from neuralode import plots
+
 log = logging.getLogger("neuralode.report")
 
 COLUMNS = ["job", "status", "exit_code", "overrides", "model", "method", "grad", "rtol", "atol", "test_acc",
-           "test_loss", "primary_metric", "test_primary", "nfe_forward", "nfe_backward", "time_per_iter",
-           "train_time", "error"]
+           "test_loss", "primary_metric", "primary_mode", "test_primary", "nfe_forward", "nfe_backward",
+           "time_per_iter", "mem_peak_mb", "train_time", "error"]
 
 #: Exit code of the last multirun summarised in this process: 0 when every job completed, else
 #: the first failed job's. Set by :class:`SweepSummaryCallback`; ``neuralode-train`` exits with it.
@@ -80,12 +84,13 @@ def _number(v: Any) -> float | None:
 
 
 def write_summary(sweep_dir: str | Path) -> list[Path]:
-    """Write the three summary files; return their paths (none when the directory holds no job)."""
+    """Write the table and the figures (:func:`write_figures`); return the paths written (none
+    when the directory holds no job)."""
     sweep_dir = Path(sweep_dir)
     rows = collect(sweep_dir)
     if not rows:
         return []
-    csv_path, md_path, png_path = (sweep_dir / f"summary.{ext}" for ext in ("csv", "md", "png"))
+    csv_path, md_path = sweep_dir / "summary.csv", sweep_dir / "summary.md"
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
@@ -98,74 +103,56 @@ def write_summary(sweep_dir: str | Path) -> list[Path]:
         lines += [f"- job {r['job']} ({r['status']}, exit code {_fmt(r['exit_code']) or '?'}): {_fmt(r['error'])}"
                   for r in bad]
     md_path.write_text("\n".join(lines) + "\n")
-    plot(rows, png_path)
-    return [csv_path, md_path, png_path]
+    return [csv_path, md_path, *write_figures(rows, sweep_dir)]
 
 
-# -- a minimal PIL line plot ---------------------------------------------------
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+# -- figures ---------------------------------------------------------------------------------------
+def plot_jobs(rows: list[dict[str, Any]]) -> tuple[list[plots.Job], str]:
+    """The completed jobs with a finite primary metric, and the label of their ``seconds``: the
+    training wall time, or seconds per iteration when no job recorded it (older runs)."""
+    done = [r for r in rows if r["status"] == "completed" and _primary(r) is not None]
+    key, label = (("train_time", "training wall time (s)") if any(_number(r["train_time"]) for r in done)
+                  else ("time_per_iter", "seconds per iteration"))
+    tokens = [r["overrides"].split() for r in done]
+    shared = set.intersection(*map(set, tokens)) if len(done) > 1 else set()  # what the sweep did not vary
+    jobs = []
+    for r, own in zip(done, tokens):
+        name = r["primary_metric"] or "test_acc"  # older metrics.json: classifiers
+        mode = r["primary_mode"] if r["primary_mode"] in ("max", "min") else "max" if name.endswith("acc") else "min"
+        jobs.append(plots.Job(label=" ".join(o for o in own if o not in shared) or r["job"], group=f"{r['model']} {r['method']} {r['grad']}",
+                              metric_name=name, mode=mode, metric=_primary(r), rtol=_number(r["rtol"]),
+                              nfe_forward=_number(r["nfe_forward"]), nfe_backward=_number(r["nfe_backward"]),
+                              seconds=_number(r[key])))
+    return jobs, label
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Two panels against log10(rtol): the jobs' primary test metric (accuracy for
-    classifiers, NLL or bits/dim for flows, RMSE for latent ODEs), and forward/backward
-    NFE. One line per (model, method, grad) combination."""
-    from PIL import Image, ImageDraw
+def write_figures(rows: list[dict[str, Any]], sweep_dir: Path) -> list[Path]:
+    """``summary.png`` (tolerance curves), ``pareto.png``, and both as the images ``summary/tolerance``
+    and ``summary/pareto`` of one TensorBoard event file in ``tb/summary`` (replacing the previous
+    one, so re-running the report adds no duplicates). Nothing without matplotlib or plottable jobs."""
+    jobs, seconds_label = plot_jobs(rows)
+    if not jobs:
+        return []
+    drawn = {tag: (image, name) for tag, image, name in (
+        ("summary/tolerance", plots.tolerance_curves(jobs), "summary.png"),
+        ("summary/pareto", plots.pareto(jobs, seconds_label), "pareto.png")) if image is not None}
+    if not drawn:
+        return []
+    from torch.utils.tensorboard import SummaryWriter
 
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        if _number(r["rtol"]) and r["rtol"] > 0 and _primary(r) is not None:
-            groups.setdefault(f"{r['model']} {r['method']} {r['grad']}", []).append(r)
-    img = Image.new("RGB", (1000, 420), "white")
-    draw = ImageDraw.Draw(img)
-    series_acc, series_nfe = [], []
-    for i, (name, rs) in enumerate(sorted(groups.items())):
-        rs = sorted(rs, key=lambda r: r["rtol"])
-        xs = [math.log10(r["rtol"]) for r in rs]
-        color = COLORS[i % len(COLORS)]
-        series_acc.append((name, color, xs, [_primary(r) for r in rs], False))
-        series_nfe.append((f"{name} fwd", color, xs, [_number(r["nfe_forward"]) or 0.0 for r in rs], False))
-        series_nfe.append((f"{name} bwd", color, xs, [_number(r["nfe_backward"]) or 0.0 for r in rs], True))
-    metrics = {(r["primary_metric"] or "test_acc").removeprefix("test_") for rs in groups.values() for r in rs}
-    _panel(draw, (60, 30, 470, 360), f"test {' / '.join(sorted(metrics))} vs log10(rtol)", series_acc)
-    _panel(draw, (560, 30, 970, 360), "NFE per iteration vs log10(rtol)", series_nfe)
-    img.save(path)
+    paths = [plots.save_png(image, sweep_dir / name) for image, name in drawn.values()]
+    tb_dir = sweep_dir / "tb" / "summary"
+    for old in tb_dir.glob("events.out.tfevents.*"):
+        old.unlink()
+    with SummaryWriter(str(tb_dir)) as writer:
+        for tag, (image, _) in drawn.items():
+            writer.add_image(tag, image, 0)
+    return paths + sorted(tb_dir.glob("events.out.tfevents.*"))
 
 
 def _primary(row: dict[str, Any]) -> float | None:
     """The job's primary test metric if it is a finite number."""
     return _number(row["test_primary"] if row["test_primary"] is not None else row["test_acc"])
-
-
-def _panel(draw, box, title, series) -> None:
-    x0, y0, x1, y1 = box
-    draw.rectangle(box, outline="black")
-    draw.text((x0, y0 - 18), title, fill="black")
-    xs = [x for s in series for x in s[2]] or [0.0]
-    ys = [y for s in series for y in s[3]] or [0.0]
-    xlo, xhi = min(xs) - 0.5, max(xs) + 0.5
-    ylo, yhi = min(0.0, min(ys)), max(ys) * 1.1 or 1.0
-
-    def to_px(x: float, y: float) -> tuple[float, float]:
-        return x0 + (x - xlo) / (xhi - xlo) * (x1 - x0), y1 - (y - ylo) / (yhi - ylo) * (y1 - y0)
-
-    for k in range(5):  # y ticks
-        y = ylo + (yhi - ylo) * k / 4
-        _, py = to_px(xlo, y)
-        draw.line([(x0 - 4, py), (x0, py)], fill="black")
-        draw.text((x0 - 45, py - 6), f"{y:.3g}", fill="black")
-    for x in sorted(set(xs)):  # x ticks at the swept values
-        px, _ = to_px(x, ylo)
-        draw.line([(px, y1), (px, y1 + 4)], fill="black")
-        draw.text((px - 10, y1 + 6), f"{x:g}", fill="black")
-    for i, (name, color, sx, sy, dashed) in enumerate(series):
-        pts = [to_px(x, y) for x, y in zip(sx, sy)]
-        for a, b in zip(pts, pts[1:]):
-            draw.line([a, b], fill=color, width=1 if dashed else 2)
-        for px, py in pts:
-            r = 3
-            (draw.rectangle if dashed else draw.ellipse)([px - r, py - r, px + r, py + r], fill=color)
-        draw.text((x0 + 8, y1 + 24 + 12 * i), ("□ " if dashed else "● ") + name, fill=color)
 
 
 class SweepSummaryCallback(Callback):

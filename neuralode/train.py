@@ -111,6 +111,7 @@ class Epoch:
     sums: dict[str, float]  # per-iteration values summed: loss, nfe_f, nfe_b and the task's metrics
     seen: int  # iterations
     seconds: float
+    mem_peak: float  # bytes: the largest per-iteration peak (see ``record_stats(memory=True)``)
 
 
 # -- the job -------------------------------------------------------------------------------------
@@ -325,7 +326,7 @@ def train_epoch(job: Job) -> Epoch:
     if t.limit_batches is not None:
         n_batches = min(n_batches, t.limit_batches)
     sums = {"loss": 0.0, "nfe_f": 0.0, "nfe_b": 0.0}  # + the task's metrics
-    seen = 0
+    seen, mem_peak = 0, 0.0
     epoch_start = time.perf_counter()
     with run.progress(job.train_loader, n_batches - job.start_batch, f"epoch {job.epoch + 1}/{t.epochs}") as bar:
         for i, batch in enumerate(bar, start=job.start_batch):
@@ -361,6 +362,7 @@ def train_epoch(job: Job) -> Epoch:
                         job.step)
             nfe_guard(job, values["nfe_f"] + values["nfe_b"])
             seen += 1
+            mem_peak = max(mem_peak, values["mem"])
             for k in metrics:
                 sums.setdefault(k, 0.0)
             for k in sums:
@@ -370,7 +372,7 @@ def train_epoch(job: Job) -> Epoch:
                 checkpoint(job, job.epoch, i + 1)
                 run.flush()
                 raise interrupted(job, stop)
-    return Epoch(sums, seen, time.perf_counter() - epoch_start)
+    return Epoch(sums, seen, time.perf_counter() - epoch_start, mem_peak)
 
 
 def end_of_epoch(job: Job, epoch: Epoch) -> bool:
@@ -391,7 +393,8 @@ def end_of_epoch(job: Job, epoch: Epoch) -> bool:
         run.scalars({"nfe/growth": (means["nfe_f"] + means["nfe_b"]) / job.nfe_base}, job.step)
     job.history = {**{f"test_{k}": v for k, v in test.items() if k != "nfe_forward"},
                    "nfe_forward": means["nfe_f"], "nfe_backward": means["nfe_b"],
-                   "time_per_iter": epoch.seconds / max(seen, 1), **validity_check(job, test),
+                   "time_per_iter": epoch.seconds / max(seen, 1), "mem_peak_mb": epoch.mem_peak / 2**20,
+                   **validity_check(job, test),
                    **auto_tol(job, test)}
     named = lambda d, skip: " ".join(f"{k} {v:.4f}" for k, v in d.items() if k not in skip)  # noqa: E731
     log.info("epoch %d/%d: train loss %.4f %s | test loss %.4f %s | nfe fwd %.1f bwd %.1f | %.2f s/iter",

@@ -13,9 +13,9 @@ Rows:
     1e-6 over [0, --T]: forward+backward wall time (median of --reps) and peak memory
     (``record_stats(memory=True)``: on the CPU the bytes autograd holds for backward; on CUDA the
     allocator's peak), with reversible's ratios to checkpoint (time) and adjoint (memory).
-  * (--odenet) ODE-Net on mnist-10k through the runner (``train()`` in this process), one seed,
-    ``--batches`` training batches, test accuracy on ``--eval-batches`` test batches, s/iter and
-    the mean ``mem/peak``.
+  * (--odenet) ODE-Net on mnist-10k through the runner (``train()`` in this process), the
+    ``--seeds`` of each of ``--modes``, ``--batches`` training batches (0: one epoch), test accuracy on
+    ``--eval-batches`` test batches (0: all), s/iter and the mean ``mem/peak``.
 """
 from __future__ import annotations
 
@@ -131,12 +131,12 @@ def odenet_rows(args) -> list[str]:
     from neuralode.train import train
 
     register_configs()
-    rows = ["| mode | test acc | s/iter | mean mem/peak (MiB) | NFE fwd/bwd per iter |", "|---|---|---|---|---|"]
-    for mode in ("checkpoint", "adjoint", "reversible", "direct"):
+    rows = ["| mode | seed | test acc | s/iter | mean mem/peak (MiB) | NFE fwd/bwd per iter |", "|---|---|---|---|---|---|"]
+    for mode, seed in ((m, s) for s in args.seeds for m in args.modes):
         overrides = ["model=odenet", f"data_dir={args.data_dir}", f"solver.grad={mode}", "trainer.epochs=1",
-                     f"trainer.limit_batches={args.batches}", f"trainer.batch_size={args.odenet_batch}",
-                     f"trainer.limit_eval_batches={args.eval_batches}", "trainer.eval_batch_size=500",
-                     "rtol=1e-3", "atol=1e-3", "eval.rtols=[]", "seed=0"]
+                     f"trainer.limit_batches={args.batches or 'null'}", f"trainer.batch_size={args.odenet_batch}",
+                     f"trainer.limit_eval_batches={args.eval_batches or 'null'}", "trainer.eval_batch_size=500",
+                     "rtol=1e-3", "atol=1e-3", "eval.rtols=[]", f"seed={seed}"]
         with initialize_config_module("neuralode.conf", version_base="1.3"):
             cfg = compose("config", overrides=overrides)
         with tempfile.TemporaryDirectory() as d:
@@ -150,7 +150,7 @@ def odenet_rows(args) -> list[str]:
             mem = statistics.mean(e.value for e in acc.Scalars("mem/peak")) if "mem/peak" in acc.Tags()["scalars"] \
                 else float("nan")
         acc_, s_iter = metrics.get("test_acc") or float("nan"), metrics.get("time_per_iter") or 0.0
-        rows.append(f"| {mode} | {acc_:.4f} | {s_iter:.2f} | "
+        rows.append(f"| {mode} | {seed} | {acc_:.4f} | {s_iter:.2f} | "
                     f"{mem / 2**20:.1f} | {metrics.get('nfe_forward', 0):.0f}/{metrics.get('nfe_backward', 0):.0f} |"
                     + ("" if code == 0 else f" exit {code}: {metrics.get('error', '')[:80]}"))
         print(rows[-1], flush=True)
@@ -169,9 +169,11 @@ def main() -> None:
     p.add_argument("--skip-mlp", action="store_true")
     p.add_argument("--odenet", action="store_true")
     p.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-10k"))
-    p.add_argument("--batches", type=int, default=10)
+    p.add_argument("--batches", type=int, default=10, help="ODE-Net: training batches (0: the whole epoch)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="ODE-Net: the seeds of each mode")
+    p.add_argument("--modes", nargs="+", default=["checkpoint", "adjoint", "reversible", "direct"])
     p.add_argument("--odenet-batch", type=int, default=64)
-    p.add_argument("--eval-batches", type=int, default=2)
+    p.add_argument("--eval-batches", type=int, default=2, help="ODE-Net: test batches of 500 (0: all 2,000 images)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -182,8 +184,8 @@ def main() -> None:
     if not args.skip_mlp:
         out += ["## MLP field", ""] + mlp_rows(args) + [""]
     if args.odenet:
-        out += [f"## ODE-Net mnist-10k ({args.batches} batches of {args.odenet_batch}, 1 seed, "
-                f"{args.eval_batches} test batches of 500)", ""] + odenet_rows(args) + [""]
+        out += [f"## ODE-Net mnist-10k ({args.batches or 'all'} batches of {args.odenet_batch}, seeds {args.seeds}, "
+                f"{args.eval_batches or 'all'} test batches of 500)", ""] + odenet_rows(args) + [""]
     print("\n" + "\n".join(out))
 
 

@@ -192,11 +192,11 @@ def test_preflight_rejects_solver_settings(override, key):
 
 
 def test_help_and_cfg_job_do_not_import_the_model_zoo(tmp_path):
-    """The schemas are a leaf: printing help or the config imports no model, task or torchvision."""
+    """The schemas are a leaf: printing help or the config imports no model, task, torchvision or matplotlib."""
     import subprocess
     import sys
 
-    zoo = ("neuralode.models", "neuralode.tasks", "torchvision")
+    zoo = ("neuralode.models", "neuralode.tasks", "torchvision", "matplotlib")
     for args, shown in ((["--cfg", "job"], "method: dopri5"), (["--help"], "usage: neuralode-train")):
         res = subprocess.run([sys.executable, "-X", "importtime", "-m", "neuralode.train", *args], cwd=tmp_path,
                              capture_output=True, text=True, timeout=300)

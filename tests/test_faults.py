@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import importlib.util
 import json
 import logging
 import os
@@ -20,6 +21,8 @@ import torch
 
 from conftest import TINY, run_train, scalars, train_here
 from neuralode.run import CKPT_FORMAT, Run
+
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 # Two epochs of two batches, no tolerance sweep: enough for a checkpoint to resume from.
 SHORT = [o for o in TINY if not o.startswith("eval.rtols")] + ["eval.rtols=[]"]
@@ -156,7 +159,8 @@ def test_sweep_with_a_failing_job_runs_every_job_and_names_the_failure(fake_mnis
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert [(r["job"], r["status"], r["rtol"]) for r in rows] == [("0", "completed", "0.1"), ("1", "failed", "-1.0"),
                                                                   ("2", "completed", "0.05")]
-    assert (sweep / "summary.png").stat().st_size > 0
+    if HAVE_MATPLOTLIB:  # the figures need the plots extra; the failed job is left out of them
+        assert (sweep / "summary.png").stat().st_size > 0 and (sweep / "pareto.png").stat().st_size > 0
     md = (sweep / "summary.md").read_text()
     assert "1 of 3 jobs did not complete" in md and "job 1 (failed, exit code 2): invalid config: rtol=-1.0" in md
 
@@ -326,4 +330,5 @@ def test_report_lists_nan_corrupt_and_missing_metrics(tmp_path, capsys):
     assert rows["3"]["status"] == "failed" and "no metrics.json" in rows["3"]["error"]
     out = capsys.readouterr().out
     assert "2 of 4 jobs did not complete" in out
-    assert (sweep / "summary.png").stat().st_size > 0
+    if HAVE_MATPLOTLIB:  # only job 0 is plotted: NaN, unreadable and missing metrics are left out
+        assert (sweep / "summary.png").stat().st_size > 0 and (sweep / "pareto.png").stat().st_size > 0

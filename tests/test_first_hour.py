@@ -28,6 +28,8 @@ def test_every_family_runs_with_its_defaults(model, fake_mnist, tmp_path, caplog
     assert isinstance(metrics["solver_events"], list)
     logged = scalars(out)
     assert logged["final/primary"][-1][1] == pytest.approx(metrics[key])
+    peaks = [v for _, v in logged["mem/peak"]]  # one epoch: the summary's memory column is its largest peak
+    assert min(peaks) > 0 and metrics["mem_peak_mb"] == pytest.approx(max(peaks) / 2**20)
     assert f"results: {out}" in caplog.text and f"tensorboard --logdir {out}" in caplog.text
 
 

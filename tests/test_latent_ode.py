@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -192,15 +195,26 @@ def test_entry_point_writes_scalars_and_figure(overrides, tmp_path):
     assert "train/acc" not in logged and [s for s, _ in logged["train/loss"]] == [1, 2]
     if overrides[0] == "model=latent_ode":
         assert "train/kl" in logged
-    figs = images(out)
-    assert "figures/test_series" in figs
-    image = figs["figures/test_series"][-1]
-    assert image.width == 2 * 192 and image.height == 192
+    if importlib.util.find_spec("matplotlib"):  # the figure needs the plots extra
+        image = images(out)["figures/test_series"][-1]
+        assert (image.width, image.height) == (2 * 320, 360)  # model.n_figures=2 panels of 3.2 in at 100 dpi
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["primary_metric"] == "test_rmse_extrap" and metrics["test_primary"] > 0
     if "solver.grad=adjoint" in overrides:
         assert metrics["nfe_backward"] > 0
     assert (out / "checkpoints" / "last.pt").exists()
+
+
+def test_figure_is_skipped_without_matplotlib(monkeypatch):
+    from neuralode import plots
+
+    for name in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
+    monkeypatch.setattr(plots, "_hinted", False)
+    task, _, _ = make_task()
+    logged = []
+    task.log_figures(SimpleNamespace(add_image=lambda *args: logged.append(args)), step=1)
+    assert logged == [] and plots._hinted  # no image, one hint, and training goes on
 
 
 @pytest.mark.parametrize("encoder", ["gru", "odernn"])

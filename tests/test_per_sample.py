@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from neuralode import Checkpoint, odeint, record_stats
+from neuralode import Checkpoint, SolverError, odeint, record_stats
 
 F64 = torch.float64
 PS = dict(per_sample=True)
@@ -171,21 +171,89 @@ def test_bad_time_grids_name_the_row_and_sizes():
         odeint(nn.Linear(2, 2), y0, torch.tensor([[0.0, 1.0], [0.0, 2.0]]), options=PS, grad="adjoint")
 
 
-def test_latent_ode_per_sample_grids_match_the_union_grid():
-    """The latent ODE on a batch of spirals: per-sample grids give the union grid's predictions
-    (to the solver tolerance) at every series' own times."""
+@pytest.mark.parametrize("encoder", ["gru", "odernn"])
+def test_latent_ode_per_sample_grids_match_the_union_grid(encoder, monkeypatch):
+    """The latent ODE on a batch of spirals: per-sample grids give the union grid's posterior and
+    predictions (to the solver tolerance) at every series' own times; the ODE-RNN encoder's flows
+    step per sample too."""
+    import neuralode.solvers.per_sample as per_sample
     from neuralode.data.timeseries import collate_series, timeseries_datasets
     from neuralode.models.latent_ode import LatentODE
     from neuralode.solvers import SolverSettings
 
-    train, _ = timeseries_datasets("spirals", n=20, n_obs=10, noise=0.1, seed=0, test_fraction=0.5, missing_rate=0.0)
+    train, _ = timeseries_datasets("spirals", n=20, n_obs=10, noise=0.1, seed=0, test_fraction=0.5, missing_rate=0.3)
     batch = collate_series([train[i] for i in range(8)], train.t0)
-    torch.manual_seed(0)
     settings = SolverSettings(method="dopri5", rtol=1e-6, atol=1e-7)
-    model = LatentODE(2, settings, latent_dim=4).eval()
-    with torch.no_grad():
-        union = model(batch)["pred"]
-        model.time_grid = "per_sample"
-        per = model(batch)["pred"]
+    calls = []
+    solve = per_sample.solve_per_sample
+    monkeypatch.setattr(per_sample, "solve_per_sample", lambda *a, **k: calls.append(a[3].shape) or solve(*a, **k))
+    out = {}
+    for grid in ("union", "per_sample"):
+        torch.manual_seed(0)
+        model = LatentODE(2, settings, latent_dim=4, encoder=encoder, time_grid=grid).eval()
+        with torch.no_grad():
+            out[grid] = model(batch)
+    n_flows = len(calls) - 1  # one per-sample solve is the trajectory; the rest are the encoder's flows
+    assert n_flows == (0 if encoder == "gru" else int((batch["obs"].sum(-1) > 0).sum(1).max()))
     present = batch["present"][..., None]
-    torch.testing.assert_close(per * present, union * present, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out["per_sample"]["mu"], out["union"]["mu"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["per_sample"]["pred"] * present, out["union"]["pred"] * present, rtol=1e-4, atol=1e-4)
+
+
+# -- events per sample ----------------------------------------------------------------------------
+def _balls(n=5):
+    """Falling balls, one gravity per sample carried in the state (zero derivative): y = (h, v, g)."""
+    g = torch.linspace(0.5, 2.0, n, dtype=F64)
+    return torch.stack([torch.linspace(1.0, 3.0, n, dtype=F64), torch.linspace(-0.5, 0.5, n, dtype=F64), g], -1)
+
+
+def ball(t, y):
+    return torch.stack([y[..., 1], -y[..., 2], torch.zeros_like(y[..., 2])], -1)
+
+
+def ground_or_apex(t, y):
+    """Two components: the ground (h = 0), and the apex for balls thrown upwards (v = 0)."""
+    return torch.stack([y[..., 0], y[..., 1] - 1e3 * (y[..., 1] <= 0)], -1)
+
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "dopri8"])
+@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("event", [lambda t, y: y[..., 0], ground_or_apex])
+def test_events_per_sample_equal_each_sample_alone(method, compact, event):
+    y0 = _balls()
+    t = torch.tensor([0.0, 10.0], dtype=F64)
+    et, ys = odeint(ball, y0, t, event_fn=event, method=method, rtol=1e-9, atol=1e-9, options=dict(PS, compact=compact))
+    assert et.shape == (5,) and ys.shape == (2, 5, 3) and torch.equal(ys[0], y0)
+    for b in range(5):
+        e1, y1 = odeint(ball, y0[b], t, event_fn=lambda t, y: event(t, y[None])[0], method=method, rtol=1e-9, atol=1e-9)
+        assert abs(float(e1) - float(et[b])) < 1e-12 * max(1.0, float(e1))
+        torch.testing.assert_close(ys[1, b], y1[1], rtol=1e-9, atol=1e-11)
+
+
+def test_event_rows_with_their_own_start_a_root_at_t0_and_gradients():
+    y0 = _balls(4)
+    y0[1, 0] = 0.0  # on the ground at t0: torchdiffeq's rule makes t0 the event
+    T = torch.tensor([[0.0, 5.0], [0.0, 5.0], [0.5, 5.0], [1.0, 5.0]], dtype=F64)
+    y = y0.clone().requires_grad_(True)
+    et, ys = odeint(ball, y, T, event_fn=lambda t, y: y[..., 0], rtol=1e-10, atol=1e-10, options=PS)
+    assert float(et[1]) == 0.0 and torch.equal(ys[1, 1].detach(), y0[1])
+    (g_ps,) = torch.autograd.grad(ys[1].square().sum(), y)
+    for b in range(4):
+        yb = y0[b].clone().requires_grad_(True)
+        e1, y1 = odeint(ball, yb, T[b], event_fn=lambda t, y: y[0], rtol=1e-10, atol=1e-10)
+        assert abs(float(e1) - float(et[b])) < 1e-12
+        (g1,) = torch.autograd.grad(y1[1].square().sum(), yb)  # the event time carries no gradient, as jointly
+        torch.testing.assert_close(g_ps[b], g1, rtol=1e-8, atol=1e-10)
+
+
+def test_bad_event_settings_per_sample():
+    y0, t = _balls(3), torch.tensor([0.0, 1.0], dtype=F64)
+    ground = lambda t, y: y[..., 0]  # noqa: E731
+    with pytest.raises(ValueError, match="grad='direct'"):
+        odeint(ball, y0, t, event_fn=ground, options=PS, grad="checkpoint")
+    with pytest.raises(ValueError, match="2 times"):
+        odeint(ball, y0, torch.tensor([0.0, 1.0, 2.0], dtype=F64), event_fn=ground, options=PS)
+    with pytest.raises(ValueError, match=r"one value \(or a row of values\) per sample"):
+        odeint(ball, y0, t, event_fn=lambda t, y: y[..., 0].sum(), options=PS)
+    with pytest.raises(SolverError, match="did not occur within max_num_steps=50"):
+        odeint(ball, y0, t, event_fn=lambda t, y: y[..., 2], options=dict(PS, max_num_steps=50))

@@ -46,15 +46,22 @@ class ODEFunc(nn.Module):
         return self.net(y)
 
 
+def per_sample_ok(solver: SolverSettings, time_grid: str) -> bool:
+    """Whether ``time_grid="per_sample"`` takes effect: per-sample stepping covers the adaptive
+    explicit methods with direct or checkpoint gradients; other settings solve jointly."""
+    return time_grid == "per_sample" and solver.adaptive and solver.method not in ("kvaerno5", "kvaerno3", "auto") \
+        and type(solver.grad).__name__ != "Adjoint"
+
+
 class Encoder(nn.Module):
-    """q(z0 | observations), run backwards in time over the union grid of the batch."""
+    """q(z0 | observations), run backwards in time over each series' own observation times."""
 
     def __init__(self, obs_dim: int, latent_dim: int, hidden: int, kind: str, solver: SolverSettings,
-                 ode_hidden: int = 20, init_logvar: float = 0.0):
+                 ode_hidden: int = 20, init_logvar: float = 0.0, time_grid: str = "union"):
         super().__init__()
         if kind not in ("gru", "odernn"):
             raise ValueError(f"unknown encoder {kind!r}; expected gru or odernn")
-        self.kind, self.solver = kind, solver
+        self.kind, self.solver, self.time_grid = kind, solver, time_grid
         # gru: [values * mask, mask, gap]; odernn: [values * mask, mask] (time is in the ODE).
         self.cell = nn.GRUCell(2 * obs_dim + (kind == "gru"), hidden)
         self.ode = ODEFunc(hidden, ode_hidden) if kind == "odernn" else None
@@ -110,7 +117,10 @@ class Encoder(nn.Module):
             return h
         func = _Scaled(self.ode, gap[:, None])
         s = torch.tensor([0.0, 1.0], dtype=h.dtype, device=h.device)
-        return self.solver.odeint(func, h, s)[-1]
+        solver = self.solver  # decided per call: solver_overrides may change the method
+        if per_sample_ok(solver, self.time_grid):  # each series takes its own steps over its own gap
+            solver = solver.replace(per_sample=True)
+        return solver.odeint(func, h, s)[-1]
 
 
 class _Scaled(nn.Module):
@@ -136,7 +146,8 @@ class LatentODE(nn.Module):
         if time_grid not in ("union", "per_sample"):
             raise ValueError(f"time_grid must be 'union' or 'per_sample', got {time_grid!r}")
         self.solver, self.time_grid = solver, time_grid
-        self.encoder = Encoder(obs_dim, latent_dim, rec_hidden, encoder, solver, init_logvar=init_logvar)
+        self.encoder = Encoder(obs_dim, latent_dim, rec_hidden, encoder, solver, init_logvar=init_logvar,
+                               time_grid=time_grid)
         self.dynamics = ODEFunc(latent_dim, dyn_hidden, dyn_layers)
         self.decoder = mlp(latent_dim, dec_hidden, obs_dim)
 
@@ -169,16 +180,11 @@ class LatentODE(nn.Module):
         out = out.scatter(1, torch.where(valid, idx, torch.full_like(idx, T))[..., None].expand(-1, -1, z0.shape[-1]), z)
         return out[:, :T]
 
-    def _per_sample_ok(self) -> bool:
-        s = self.solver
-        return self.time_grid == "per_sample" and s.adaptive and s.method not in ("kvaerno5", "kvaerno3", "auto") \
-            and type(s.grad).__name__ != "Adjoint"
-
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Sample z0 ~ q in training mode; use its mean in eval mode (deterministic metrics)."""
         mu, logvar = self.encoder(batch)
         z0 = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
-        if self._per_sample_ok() and "present" in batch:
+        if per_sample_ok(self.solver, self.time_grid) and "present" in batch:
             z = self.per_sample_trajectory(z0, batch["times"], batch["t0"], batch["present"])
         else:
             z = self.latent_trajectory(z0, batch["times"], batch["t0"])

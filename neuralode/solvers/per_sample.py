@@ -13,10 +13,16 @@ Finished samples stop costing evaluations only where the batch may shrink: with
 then treat rows independently and accept any number of them: per-sample parameters belong in
 the state, with zero derivative); by default they stay in the batch with a zero step.
 
+Events: ``event_fn(t, y)`` returns one value (or a row of values) per sample, and each sample
+stops where its own event fires (torchdiffeq's rules per row: the first sign change of any
+component, a root at t0 is the event); the result is ``(event_t, states at [t0, event_t])`` with
+``event_t`` of shape ``(batch,)``. The crossing is located by bisection on the step's dense output
+for the rows that crossed, the event function seeing the same rows as ``func``.
+
 Gradients: direct (through the loop), checkpoint (the loop's decisions are recorded and segments
-re-run with them), and the backsolve adjoint, whose backward pass is solved jointly (one step size
-for the batch; per-sample output grids are mapped onto a shared one by a per-sample change of
-time variable).
+re-run with them), and, for a shared 1-D ``t``, the backsolve adjoint, whose backward pass is
+solved jointly (one step size for the batch, as torchode found necessary). Per-sample grids with
+the adjoint are refused (use checkpoint).
 """
 from __future__ import annotations
 
@@ -86,6 +92,7 @@ class PerSampleSolve:
         pi = o.controller == "PI"
         self.pcoeff = o.pcoeff if o.pcoeff is not None else (0.2 if pi else 0.0)
         self.icoeff = o.icoeff if o.icoeff is not None else (0.65 if pi else 1.0)
+        self.events: Optional[RowEvents] = None
         self.accepted = torch.zeros(self.B, dtype=torch.long, device=y0.device)
         self.rejected = torch.zeros(self.B, dtype=torch.long, device=y0.device)
 
@@ -233,6 +240,10 @@ class PerSampleSolve:
                 fac = torch.where(finite, fac, torch.full_like(fac, self.prob.opts.dfactor))
                 h_next = (step.abs() * fac)
                 prev = torch.where(accept, ratio.clamp_min(1e-4), s.prev)
+                fired = self.events.fire(self, s, step, K, accept, y1, t_new) if self.events is not None else None
+                if fired is not None:
+                    y1, t_new = fired
+                    t_end = s.T[:, -1]
             else:
                 accept = replay.accept[it]
                 abs_y1, h_next, prev = s.abs_y, s.h, s.prev
@@ -282,6 +293,10 @@ class PerSampleSolve:
                     n_bad = n_bad[keep]
                 continue
             if it > self.max_steps:
+                if self.events is not None:
+                    raise MaxStepsError(f"{self.prob.label}: the event of {n_running} of {self.B} samples did not "
+                                        f"occur within max_num_steps={self.max_steps} steps; check the event "
+                                        "function, or raise options['max_num_steps']")
                 raise MaxStepsError(f"{self.prob.label}: max_num_steps={self.max_steps} exceeded (per-sample loop, "
                                     f"{n_running} of {self.B} samples still running). " + STIFF_HINT)
             keep = None
@@ -303,6 +318,57 @@ class PerSampleSolve:
         if tiny:
             raise StepSizeUnderflowError(f"{self.prob.label}: step size underflow for a sample (per-sample loop, "
                                          f"iteration {it}). " + STIFF_HINT)
+
+
+class RowEvents:
+    """A per-sample event function: each row's watched value is the minimum of its components,
+    each signed to start positive (torchdiffeq's rule, per row); a row fires when it reaches 0."""
+
+    def __init__(self, event_fn: Callable, layout: "BatchLayout", t_dtype: torch.dtype, B: int, device):
+        self.event_fn, self.layout, self.t_dtype = event_fn, layout, t_dtype
+        self.signs: Optional[torch.Tensor] = None  # (B, k), from the values at t0
+        self.t = torch.full((B,), math.nan, dtype=TIME, device=device)  # each row's event time
+
+    def value(self, rows: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            g = torch.as_tensor(self.event_fn(t.to(self.t_dtype), self.layout.unflatten(y.detach())))
+            if g.ndim == 0 or g.shape[0] != y.shape[0]:
+                from .odeint import InputError
+
+                raise InputError(f"with per-sample stepping event_fn must return one value (or a row of values) per "
+                                 f"sample, shape ({y.shape[0]},) or ({y.shape[0]}, k); got {tuple(g.shape)}")
+            g = g.reshape(g.shape[0], -1).to(TIME)
+            if self.signs is None:
+                self.signs = torch.sign(g)
+            signs = self.signs[rows]
+            signs = torch.where((signs == 0) & (g != 0), torch.sign(g), signs)  # a zero start takes a later sign
+            self.signs[rows] = signs
+            return (g * signs).amin(1)
+
+    def fire(self, solve: "PerSampleSolve", s: LoopState, step: torch.Tensor, K: torch.Tensor, accept: torch.Tensor,
+             y1: torch.Tensor, t_new: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """None unless an accepted step crossed a row's event; then bisect each such row's crossing on
+        the step's dense output, end the row there (its last output time becomes the event's) and
+        return the step's end (y1, t_new) with those rows moved to their events."""
+        cross = accept & (s.t != s.T[:, -1]) & (self.value(s.rows, t_new, y1) <= 0)
+        if not bool(cross.any()):
+            return None
+        lo, hi = torch.zeros_like(s.t), torch.ones_like(s.t)
+        span = torch.maximum(s.t.abs(), t_new.abs()).clamp_min(1.0)
+        tol = 4 * torch.finfo(TIME).eps * span / step.abs().clamp_min(torch.finfo(TIME).tiny)  # in units of the step
+        for _ in range(200):
+            if not bool((cross & (hi - lo > tol)).any()):
+                break
+            mid = torch.where(cross, lo + 0.5 * (hi - lo), torch.zeros_like(lo))
+            with torch.no_grad():
+                g = self.value(s.rows, s.t + mid * step, solve.interpolate(s, step, K, y1, mid))
+            past = cross & (g <= 0)
+            hi, lo = torch.where(past, mid, hi), torch.where(cross & ~past, mid, lo)
+        t_ev = torch.where(hi == 1.0, t_new, s.t + hi * step)
+        y_ev = torch.where((hi == 1.0)[:, None], y1, solve.interpolate(s, step, K, y1, hi))
+        s.T[:, 1:] = torch.where(cross[:, None], t_ev[:, None], s.T[:, 1:])
+        self.t[s.rows[cross]] = t_ev[cross]
+        return torch.where(cross[:, None], y_ev, y1), torch.where(cross, t_ev, t_new)
 
 
 def _combine(y, hy: torch.Tensor, coeffs, ks) -> torch.Tensor:
@@ -466,12 +532,19 @@ def solve_per_sample(settings, func, y0, t: torch.Tensor, event_fn=None, adjoint
     from .odeint import InputError, Setup, adjoint_params_of, check_y0
     from .settings import Adjoint, Checkpoint, Direct
 
-    if event_fn is not None:
-        raise InputError("events are not supported with per-sample stepping yet; solve each batch jointly")
     check_y0(y0)
     layout = BatchLayout(y0)
     T = _times(t, layout.B)
     grad = settings.grad
+    run_T = T
+    if event_fn is not None:
+        if T.shape[1] != 2:
+            raise InputError(f"We require 2 times (per sample) when in event handling mode, but got {T.shape[1]}: "
+                             "t[..., 0] is the start and the sign of t[..., 1] - t[..., 0] the direction")
+        if not isinstance(grad, Direct) or t.requires_grad:
+            raise InputError("events with per-sample stepping support grad='direct' and a t without gradient; "
+                             "solve jointly (without per_sample) for the other gradient modes")
+        run_T = torch.stack([T[:, 0], torch.where(T[:, 1] >= T[:, 0], math.inf, -math.inf).to(TIME)], 1)
     if isinstance(grad, Adjoint) and t.ndim == 2:
         raise InputError("grad='adjoint' with per-sample time grids is not supported yet: use grad='checkpoint' "
                          "(exact, bounded memory) or a shared 1-D t")
@@ -513,7 +586,12 @@ def solve_per_sample(settings, func, y0, t: torch.Tensor, event_fn=None, adjoint
             start += n
         return torch.stack(parts, 1).amax(1)
 
-    solve = PerSampleSolve(setup.prob, method, y_flat, T, setup.t_dtype, call, norm)
+    solve = PerSampleSolve(setup.prob, method, y_flat, run_T, setup.t_dtype, call, norm)
+    if event_fn is not None:
+        solve.events = events = RowEvents(event_fn, layout, setup.t_dtype, B, y_flat.device)
+        at_root = events.value(torch.arange(B, device=y_flat.device), solve.T[:, 0], y_flat) == 0
+        solve.T[at_root, 1] = solve.T[at_root, 0]  # torchdiffeq: a root at t0 is the event
+        events.t[at_root] = solve.T[at_root, 0]
     y_in = y_flat
     time_grad = t.requires_grad
     if time_grad:  # moving a row's t0 moves its y0 by -f(t0, y0) dt0
@@ -550,6 +628,8 @@ def solve_per_sample(settings, func, y0, t: torch.Tensor, event_fn=None, adjoint
         tt = t.expand(B, -1) if t.ndim == 1 else t
         shift = (tt[:, 1:] - tt[:, 1:].detach()).transpose(0, 1).to(y_dtype)[..., None]
         out = torch.cat([out[:1], out[1:] + shift * fs])
+    if event_fn is not None:
+        return solve.events.t.to(t.dtype), layout.unflatten(out, (2,))
     return layout.unflatten(out, (out.shape[0],))
 
 

@@ -4,7 +4,8 @@ The loss is the negative log-likelihood (nats per sample for 2-D data, bits/dim 
 images, after uniform dequantisation and a logit transform whose log-determinant is
 counted) plus ``kinetic_weight · ∫‖f‖²`` and ``jacobian_weight · ∫‖∂f/∂z‖²_F``.
 2-D test metrics always use the exact trace, whatever ``model.trace`` trains with.
-Figures go to TensorBoard as tensors rendered here (no plotting library).
+Figures go to TensorBoard as image tensors drawn by :mod:`neuralode.plots` (pixel grids: no
+plotting library needed).
 
 ``model.objective=flow_matching`` trains the same vector field by flow matching instead (no solve
 during training; :mod:`neuralode.models.flow_matching`); evaluation, figures and tags are the ML
@@ -27,47 +28,13 @@ from neuralode.models.cnf import (CNF, Trace, bits_per_dim, cnf_2d, cnf_image, d
                                   standard_normal_logprob)
 from neuralode.models.flow_matching import (EMAField, PairingCollate, energy_distance, fm_loss, load_init,
                                             pair_global, update_ema)
+from neuralode.plots import colormap, histogram_image, side_by_side
 from neuralode.tasks import Task, register, rnode_weights, solver_settings
 
 log = logging.getLogger(__name__)
 
 # 2-D view used by the figures: the toy generators live in about [-4, 4]^2.
 EXTENT = 4.5
-
-# A perceptually ordered colormap (dark violet -> blue -> teal -> green -> yellow), linear between anchors.
-_ANCHORS = torch.tensor([[0.267, 0.005, 0.329], [0.283, 0.141, 0.458], [0.254, 0.265, 0.530],
-                         [0.207, 0.372, 0.553], [0.164, 0.471, 0.558], [0.128, 0.567, 0.551],
-                         [0.135, 0.659, 0.518], [0.267, 0.749, 0.441], [0.478, 0.821, 0.318],
-                         [0.741, 0.873, 0.150], [0.993, 0.906, 0.144]])
-
-
-def colormap(values: torch.Tensor) -> torch.Tensor:
-    """Map an (H, W) tensor with values in [0, 1] to a (3, H, W) RGB image."""
-    v = values.clamp(0, 1) * (len(_ANCHORS) - 1)
-    lo = v.floor().long().clamp(max=len(_ANCHORS) - 2)
-    w = (v - lo).unsqueeze(-1)
-    rgb = _ANCHORS[lo] * (1 - w) + _ANCHORS[lo + 1] * w
-    return rgb.permute(2, 0, 1).contiguous()
-
-
-def histogram_image(points: torch.Tensor, resolution: int, extent: float = EXTENT) -> torch.Tensor:
-    """A (3, R, R) image of the points' 2-D histogram over [-extent, extent]^2 (y axis up)."""
-    p = points.detach().cpu().double()
-    idx = ((p + extent) / (2 * extent) * resolution).floor().long()
-    keep = ((idx >= 0) & (idx < resolution)).all(1)
-    idx = idx[keep]
-    counts = torch.zeros(resolution * resolution, dtype=torch.float64)
-    counts.index_add_(0, (resolution - 1 - idx[:, 1]) * resolution + idx[:, 0], torch.ones(len(idx), dtype=torch.float64))
-    counts = counts.view(resolution, resolution)
-    return colormap((counts / counts.max().clamp(min=1)).float())
-
-
-def side_by_side(*panels: torch.Tensor, gap: int = 2) -> torch.Tensor:
-    sep = torch.ones(3, panels[0].shape[1], gap)
-    out = [panels[0]]
-    for p in panels[1:]:
-        out += [sep, p]
-    return torch.cat(out, 2)
 
 
 @register("cnf")
@@ -266,8 +233,8 @@ class CNFTask(Task):
                 traj = blk.solver.odeint(field, (z, z.new_zeros(n)), ts)[0]  # (points, n, 2)
                 trajs.append(traj.reshape(-1, 2))
                 z = traj[-1]
-        lines = histogram_image(torch.cat(trajs), res)
-        ends = histogram_image(z, res)
+        lines = histogram_image(torch.cat(trajs), res, EXTENT)
+        ends = histogram_image(z, res, EXTENT)
         return torch.maximum(lines * 0.6, ends)
 
     @torch.no_grad()
@@ -291,8 +258,8 @@ class CNFTask(Task):
                 samples = self.model.sample(m.figure_samples, generator=g).cpu()
                 n = min(m.figure_samples, len(self._test_set)) if self._test_set is not None else 0
                 data = self._test_set.tensors[0][:n] if n else torch.zeros(0, 2)
-                return {"figures/density_samples_data": side_by_side(heat, histogram_image(samples, res),
-                                                                     histogram_image(data, res)),
+                return {"figures/density_samples_data": side_by_side(heat, histogram_image(samples, res, EXTENT),
+                                                                     histogram_image(data, res, EXTENT)),
                         "figures/trajectories": self.trajectories()}
             from torchvision.utils import make_grid
 

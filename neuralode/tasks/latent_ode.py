@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from neuralode import plots
 from neuralode.data.timeseries import collate_series, timeseries_datasets, with_query_times
 from neuralode.models.latent_ode import build_model
 from neuralode.tasks import Task, register, solver_settings
@@ -95,10 +96,9 @@ class LatentTimeSeries(Task):
 
     # -- figures ---------------------------------------------------------------
     @torch.no_grad()
-    def figure(self, n: int | None = None) -> torch.Tensor:
-        """(3, H, W) image: for the first ``n`` test series, side by side, the observed points
-        (white), held-out targets (interpolation cyan, extrapolation magenta) and the model's
-        curve on a dense grid: green inside the observed window, orange after it."""
+    def figure(self, n: int | None = None) -> torch.Tensor | None:
+        """(3, H, W) image of the first ``n`` test series (:func:`neuralode.plots.series_figure`): their
+        points and the model's curve on a dense grid. None without matplotlib."""
         n = n or self.cfg.model.n_figures
         test = self.test_set
         items = [test[i] for i in range(min(n, len(test)))]
@@ -106,84 +106,22 @@ class LatentTimeSeries(Task):
         dense = torch.linspace(test.t0, t_end, 150)
         batch = collate_series([with_query_times(s, dense) for s in items], test.t0)
         device = next(self.model.parameters()).device
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         was_training = self.model.training
         self.model.eval()
-        pred = self.model(batch)["pred"].cpu()
+        pred = self.model({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})["pred"].cpu()
         self.model.train(was_training)
-        batch = {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()}
-        panels = [_panel(batch, pred, b, dense) for b in range(len(items))]
-        return torch.cat(panels, dim=2)
+        times, on_dense = batch["times"], torch.isin(batch["times"], dense)
+        panels = []
+        for b in range(len(items)):
+            x = batch["values"][b]
+            masks = {name: batch[k][b].sum(-1) > 0
+                     for name, k in (("observed", "obs"), ("interpolation", "interp"), ("extrapolation", "extrap"))}
+            panels.append({**{name: (times[m], x[m]) for name, m in masks.items()},
+                           "model": (times[on_dense], pred[b][on_dense])})
+        return plots.series_figure(panels)
 
     def log_figures(self, writer: Any, step: int) -> None:
-        if self.test_set is None:
-            return
-        writer.add_image("figures/test_series", self.figure(), step)
+        image = self.figure() if self.test_set is not None else None
+        if image is not None:
+            writer.add_image("figures/test_series", image, step)
 
-
-# -- rasterising without matplotlib -----------------------------------------------------------------
-
-H = W = 192
-COLORS = {"obs": (1.0, 1.0, 1.0), "interp": (0.2, 0.9, 0.9), "extrap": (0.95, 0.3, 0.9),
-          "recon": (0.3, 0.9, 0.3), "future": (1.0, 0.6, 0.1), "frame": (0.35, 0.35, 0.35)}
-
-
-def _panel(batch: dict, pred: torch.Tensor, b: int, dense: torch.Tensor) -> torch.Tensor:
-    times, x = batch["times"], batch["values"][b]
-    obs, interp, extrap = (batch[k][b].sum(-1) > 0 for k in ("obs", "interp", "extrap"))
-    on_dense = torch.isin(times, dense)
-    window_end = float(times[obs].max())
-    D = x.shape[1]
-
-    def coords(t: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (v[:, 0], v[:, 1]) if D == 2 else (t, v[:, 0])
-
-    used = obs | interp | extrap
-    all_x, all_y = coords(torch.cat([times[used], times[on_dense]]), torch.cat([x[used], pred[b][on_dense]]))
-    lo_x, hi_x, lo_y, hi_y = all_x.min(), all_x.max(), all_y.min(), all_y.max()
-    if D == 2:  # same scale on both axes
-        c_x, c_y, half = (lo_x + hi_x) / 2, (lo_y + hi_y) / 2, max(hi_x - lo_x, hi_y - lo_y) / 2
-        lo_x, hi_x, lo_y, hi_y = c_x - half, c_x + half, c_y - half, c_y + half
-    pad = 8
-
-    def to_px(px: torch.Tensor, py: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        u = pad + (px - lo_x) / (hi_x - lo_x + 1e-9) * (W - 1 - 2 * pad)
-        v = pad + (hi_y - py) / (hi_y - lo_y + 1e-9) * (H - 1 - 2 * pad)
-        return u, v
-
-    img = torch.zeros(3, H, W)
-    _polyline(img, torch.tensor([0.0, W - 1, W - 1, 0, 0]), torch.tensor([0.0, 0, H - 1, H - 1, 0]), COLORS["frame"])
-    td, pd = times[on_dense], pred[b][on_dense]
-    inside = td <= window_end
-    last_inside = td[inside].max() if inside.any() else td.min() - 1
-    for sel, color in ((inside, "recon"), (td >= last_inside, "future")):
-        if int(sel.sum()) > 1:
-            _polyline(img, *to_px(*coords(td[sel], pd[sel])), COLORS[color])
-    for mask, color in ((interp, "interp"), (extrap, "extrap"), (obs, "obs")):
-        if mask.any():
-            _points(img, *to_px(*coords(times[mask], x[mask])), COLORS[color])
-    return img
-
-
-def _polyline(img: torch.Tensor, u: torch.Tensor, v: torch.Tensor, color) -> None:
-    pts_u, pts_v = [], []
-    for i in range(len(u) - 1):
-        k = int(max(abs(u[i + 1] - u[i]), abs(v[i + 1] - v[i]))) + 2
-        s = torch.linspace(0, 1, k)
-        pts_u.append(u[i] + s * (u[i + 1] - u[i]))
-        pts_v.append(v[i] + s * (v[i + 1] - v[i]))
-    if pts_u:
-        _stamp(img, torch.cat(pts_u), torch.cat(pts_v), color, 0)
-
-
-def _points(img: torch.Tensor, u: torch.Tensor, v: torch.Tensor, color) -> None:
-    _stamp(img, u, v, color, 1)
-
-
-def _stamp(img: torch.Tensor, u: torch.Tensor, v: torch.Tensor, color, radius: int) -> None:
-    ui, vi = u.round().long(), v.round().long()
-    for du in range(-radius, radius + 1):
-        for dv in range(-radius, radius + 1):
-            a, c = (ui + du).clamp(0, img.shape[2] - 1), (vi + dv).clamp(0, img.shape[1] - 1)
-            for ch in range(3):
-                img[ch, c, a] = color[ch]
