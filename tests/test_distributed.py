@@ -178,6 +178,7 @@ def _log_span(run_dir: Path) -> tuple[datetime, datetime]:
     return parse(stamps[0]), parse(stamps[-1])
 
 
+@pytest.mark.slow  # ~16 s; the fast suite checks a failing job's sweep with the basic launcher (test_faults)
 @pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None,
                     reason="hydra-joblib-launcher not installed (pip install .[launchers])")
 def test_joblib_sweep_runs_jobs_in_parallel_and_survives_a_failing_job(fake_mnist, tmp_path):

@@ -48,9 +48,9 @@ class ODEFunc(nn.Module):
 
 def per_sample_ok(solver: SolverSettings, time_grid: str) -> bool:
     """Whether ``time_grid="per_sample"`` takes effect: per-sample stepping covers the adaptive
-    explicit methods with direct or checkpoint gradients; other settings solve jointly."""
+    explicit methods (every gradient mode but reversible); other settings solve jointly."""
     return time_grid == "per_sample" and solver.adaptive and solver.method not in ("kvaerno5", "kvaerno3", "auto") \
-        and type(solver.grad).__name__ != "Adjoint"
+        and type(solver.grad).__name__ != "Reversible"
 
 
 class Encoder(nn.Module):

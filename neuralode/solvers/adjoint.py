@@ -164,7 +164,10 @@ class BacksolveAdjoint(torch.autograd.Function):
         a = grad_ys[-1].reshape(-1)
         g = torch.zeros(sum(sizes), dtype=ys.dtype, device=ys.device)
         h = None
+        select_interval = getattr(run, "select_interval", None)  # per-sample grids: the field depends on it
         for i in range(len(ts) - 1, 0, -1):
+            if select_interval is not None:
+                select_interval(i - 1)
             if ts[i] != ts[i - 1]:  # an event at t0 leaves nothing to integrate
                 try:
                     res = solve(prob, torch.cat([ys[i].reshape(-1), a, g]), (ts[i], ts[i - 1]), first_step=h)

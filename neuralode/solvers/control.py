@@ -63,7 +63,8 @@ class Tolerance:
             name = str(dtype).replace("torch.", "")
             raise ToleranceError(
                 f"rtol={r:.3g} and atol={a:.3g} are below the resolution of {name} (machine epsilon {eps:.3g}): "
-                f"no step can meet them. Use rtol, atol >= {eps:.1g} or a wider dtype (e.g. float32 or float64)."
+                f"no step can meet them. Use rtol, atol >= {eps:.1g} or a wider dtype "
+                f"({'float64' if dtype == torch.float32 else 'e.g. float32 or float64'})."
             )
 
 

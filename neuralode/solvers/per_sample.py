@@ -17,12 +17,13 @@ Events: ``event_fn(t, y)`` returns one value (or a row of values) per sample, an
 stops where its own event fires (torchdiffeq's rules per row: the first sign change of any
 component, a root at t0 is the event); the result is ``(event_t, states at [t0, event_t])`` with
 ``event_t`` of shape ``(batch,)``. The crossing is located by bisection on the step's dense output
-for the rows that crossed, the event function seeing the same rows as ``func``.
+for the rows that crossed, the event function seeing the same rows as ``func`` (events add one
+host read per attempted step, and one per bisection iteration of a step where a row fired).
 
 Gradients: direct (through the loop), checkpoint (the loop's decisions are recorded and segments
-re-run with them), and, for a shared 1-D ``t``, the backsolve adjoint, whose backward pass is
-solved jointly (one step size for the batch, as torchode found necessary). Per-sample grids with
-the adjoint are refused (use checkpoint).
+re-run with them), and the backsolve adjoint, whose backward pass is solved jointly (one step size
+for the batch, as torchode found necessary); per-sample grids are mapped onto the shared grid
+s = 0, 1, ..., n-1 by a per-row change of time variable on each output interval.
 """
 from __future__ import annotations
 
@@ -545,13 +546,24 @@ def solve_per_sample(settings, func, y0, t: torch.Tensor, event_fn=None, adjoint
             raise InputError("events with per-sample stepping support grad='direct' and a t without gradient; "
                              "solve jointly (without per_sample) for the other gradient modes")
         run_T = torch.stack([T[:, 0], torch.where(T[:, 1] >= T[:, 0], math.inf, -math.inf).to(TIME)], 1)
-    if isinstance(grad, Adjoint) and t.ndim == 2:
-        raise InputError("grad='adjoint' with per-sample time grids is not supported yet: use grad='checkpoint' "
-                         "(exact, bounded memory) or a shared 1-D t")
     params = adjoint_params_of(func, adjoint_params) if not isinstance(grad, Direct) else ()
     B = layout.B
-    joint = lambda s, y: func(s.expand(B), y)  # noqa: E731  (the whole batch at one time: the joint adjoint)
-    setup = Setup(settings, joint, y0, tuple(float(x) for x in T[0]))
+    interval = [0]  # the output interval the joint backward solve is on (set per interval by the adjoint)
+    if t.ndim == 2 and isinstance(grad, Adjoint):
+        # One time variable for the whole batch: s = j + (t - T[b, j]) / (T[b, j+1] - T[b, j]) on each
+        # row's j-th interval, so the rows' grids become s = 0, 1, ..., n-1 and dy/ds = gap * f.
+        gaps = T[:, 1:] - T[:, :-1]
+
+        def joint(s, y):
+            j = interval[0]
+            gap = gaps[:, j]
+            return _scale_rows(func((T[:, j] + (s.to(TIME) - j) * gap).to(s.dtype), y), gap)
+
+        joint_ts = tuple(float(j) for j in range(T.shape[1]))
+    else:
+        joint = lambda s, y: func(s.expand(B), y)  # noqa: E731  (the whole batch at one time: the joint adjoint)
+        joint_ts = tuple(float(x) for x in T[0])
+    setup = Setup(settings, joint, y0, joint_ts)
     method = get_method(settings.method)
     y_flat = layout.flatten(y0)
     y_dtype = y_flat.dtype
@@ -610,6 +622,10 @@ def solve_per_sample(settings, func, y0, t: torch.Tensor, event_fn=None, adjoint
                 self.setup, self.ts, self.grid, self.event, self.event_t = setup, setup.ts, None, None, None
                 self.out_ts = setup.ts
 
+            @staticmethod
+            def select_interval(j: int) -> None:
+                interval[0] = j
+
             def forward(self, y0_joint):
                 with torch.no_grad():
                     per, _, it = solve.run()
@@ -631,6 +647,13 @@ def solve_per_sample(settings, func, y0, t: torch.Tensor, event_fn=None, adjoint
     if event_fn is not None:
         return solve.events.t.to(t.dtype), layout.unflatten(out, (2,))
     return layout.unflatten(out, (out.shape[0],))
+
+
+def _scale_rows(out, gap: torch.Tensor):
+    """``out`` (a tensor or a tuple, leading dimension the batch) with row b multiplied by gap[b]."""
+    if isinstance(out, tuple):
+        return tuple(_scale_rows(o, gap) for o in out)
+    return out * gap.to(out.real.dtype if out.is_complex() else out.dtype).view(-1, *([1] * (out.ndim - 1)))
 
 
 def _to_joint(layout: BatchLayout, y: torch.Tensor) -> torch.Tensor:
