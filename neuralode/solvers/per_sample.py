@@ -18,7 +18,8 @@ stops where its own event fires (torchdiffeq's rules per row: the first sign cha
 component, a root at t0 is the event); the result is ``(event_t, states at [t0, event_t])`` with
 ``event_t`` of shape ``(batch,)``. The crossing is located by bisection on the step's dense output
 for the rows that crossed, the event function seeing the same rows as ``func`` (events add one
-host read per attempted step, and one per bisection iteration of a step where a row fired).
+host read per attempted step, and one per bisection iteration of a step where a row fired). Every
+gradient mode works; the event times carry no gradient (torchdiffeq's ``odeint`` rule).
 
 Gradients: direct (through the loop), checkpoint (the loop's decisions are recorded and segments
 re-run with them), and the backsolve adjoint, whose backward pass is solved jointly (one step size
@@ -71,6 +72,7 @@ class Decisions:
     accept: List[torch.Tensor] = field(default_factory=list)
     emit: List[int] = field(default_factory=list)  # how many output slots the iteration checked
     keep: List[Optional[torch.Tensor]] = field(default_factory=list)  # compaction after the iteration
+    events: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)  # rows fired, where
     states: Dict[int, LoopState] = field(default_factory=dict)
 
 
@@ -241,13 +243,14 @@ class PerSampleSolve:
                 fac = torch.where(finite, fac, torch.full_like(fac, self.prob.opts.dfactor))
                 h_next = (step.abs() * fac)
                 prev = torch.where(accept, ratio.clamp_min(1e-4), s.prev)
-                fired = self.events.fire(self, s, step, K, accept, y1, t_new) if self.events is not None else None
-                if fired is not None:
-                    y1, t_new = fired
-                    t_end = s.T[:, -1]
+                fired = self.events.locate(self, s, step, K, accept, y1, t_new) if self.events is not None else None
             else:
                 accept = replay.accept[it]
                 abs_y1, h_next, prev = s.abs_y, s.h, s.prev
+                fired = replay.events[it] if self.events is not None else None
+            if fired is not None:  # the rows whose event fired end there
+                y1, t_new = self.events.end_rows(self, s, step, K, y1, t_new, *fired)
+                t_end = s.T[:, -1]
             # outputs passed by accepted rows: one host read for the whole batch decides how many
             idx = s.out_i.clamp(max=self.n - 1)
             n_passed = ((d * (s.T - t_new[:, None]) <= 0).sum(1) - s.out_i).clamp_min(0)
@@ -274,6 +277,7 @@ class PerSampleSolve:
                 record.h.append(step.detach())
                 record.accept.append(accept)
                 record.emit.append(emit)
+                record.events.append(fired)
             if replay is None:  # rows that finished earlier (zero steps) count nothing
                 live = s.t != t_end
                 self.accepted[s.rows] += (accept & live).long()
@@ -346,11 +350,10 @@ class RowEvents:
             self.signs[rows] = signs
             return (g * signs).amin(1)
 
-    def fire(self, solve: "PerSampleSolve", s: LoopState, step: torch.Tensor, K: torch.Tensor, accept: torch.Tensor,
-             y1: torch.Tensor, t_new: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """None unless an accepted step crossed a row's event; then bisect each such row's crossing on
-        the step's dense output, end the row there (its last output time becomes the event's) and
-        return the step's end (y1, t_new) with those rows moved to their events."""
+    def locate(self, solve: "PerSampleSolve", s: LoopState, step: torch.Tensor, K: torch.Tensor,
+               accept: torch.Tensor, y1: torch.Tensor, t_new: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """None unless an accepted step crossed a row's event; then the rows that did and, for each,
+        the fraction of the step where it fired: bisection on the step's dense output."""
         cross = accept & (s.t != s.T[:, -1]) & (self.value(s.rows, t_new, y1) <= 0)
         if not bool(cross.any()):
             return None
@@ -365,10 +368,17 @@ class RowEvents:
                 g = self.value(s.rows, s.t + mid * step, solve.interpolate(s, step, K, y1, mid))
             past = cross & (g <= 0)
             hi, lo = torch.where(past, mid, hi), torch.where(cross & ~past, mid, lo)
-        t_ev = torch.where(hi == 1.0, t_new, s.t + hi * step)
-        y_ev = torch.where((hi == 1.0)[:, None], y1, solve.interpolate(s, step, K, y1, hi))
-        s.T[:, 1:] = torch.where(cross[:, None], t_ev[:, None], s.T[:, 1:])
-        self.t[s.rows[cross]] = t_ev[cross]
+        return cross, hi
+
+    def end_rows(self, solve: "PerSampleSolve", s: LoopState, step: torch.Tensor, K: torch.Tensor, y1: torch.Tensor,
+                 t_new: torch.Tensor, cross: torch.Tensor, theta: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """End the rows that fired at their events (a checkpoint replay repeats this with the recorded
+        fractions): their last output time becomes the event's; returns the step's end (y1, t_new)
+        with those rows moved there, differentiable in the states."""
+        t_ev = torch.where(theta == 1.0, t_new, s.t + theta * step)
+        y_ev = torch.where((theta == 1.0)[:, None], y1, solve.interpolate(s, step, K, y1, theta))
+        s.T = torch.cat([s.T[:, :1], torch.where(cross[:, None], t_ev[:, None], s.T[:, 1:])], 1)  # a new tensor:
+        self.t[s.rows[cross]] = t_ev[cross]  # the recorded loop states keep theirs
         return torch.where(cross[:, None], y_ev, y1), torch.where(cross, t_ev, t_new)
 
 
@@ -542,22 +552,22 @@ def solve_per_sample(settings, func, y0, t: torch.Tensor, event_fn=None, adjoint
         if T.shape[1] != 2:
             raise InputError(f"We require 2 times (per sample) when in event handling mode, but got {T.shape[1]}: "
                              "t[..., 0] is the start and the sign of t[..., 1] - t[..., 0] the direction")
-        if not isinstance(grad, Direct) or t.requires_grad:
-            raise InputError("events with per-sample stepping support grad='direct' and a t without gradient; "
-                             "solve jointly (without per_sample) for the other gradient modes")
+        if t.requires_grad:
+            raise InputError("events with per-sample stepping need a t without gradient (the event times carry "
+                             "none); detach t, or solve jointly (without per_sample)")
         run_T = torch.stack([T[:, 0], torch.where(T[:, 1] >= T[:, 0], math.inf, -math.inf).to(TIME)], 1)
     params = adjoint_params_of(func, adjoint_params) if not isinstance(grad, Direct) else ()
     B = layout.B
     interval = [0]  # the output interval the joint backward solve is on (set per interval by the adjoint)
-    if t.ndim == 2 and isinstance(grad, Adjoint):
+    if (t.ndim == 2 or event_fn is not None) and isinstance(grad, Adjoint):
         # One time variable for the whole batch: s = j + (t - T[b, j]) / (T[b, j+1] - T[b, j]) on each
-        # row's j-th interval, so the rows' grids become s = 0, 1, ..., n-1 and dy/ds = gap * f.
-        gaps = T[:, 1:] - T[:, :-1]
-
+        # row's j-th interval, so the rows' grids (with events: [t0, the row's event time], known once
+        # the forward pass has run) become s = 0, 1, ..., n-1 and dy/ds = gap * f.
         def joint(s, y):
             j = interval[0]
-            gap = gaps[:, j]
-            return _scale_rows(func((T[:, j] + (s.to(TIME) - j) * gap).to(s.dtype), y), gap)
+            grid = T if event_fn is None else torch.stack([T[:, 0], solve.events.t], 1)
+            gap = grid[:, j + 1] - grid[:, j]
+            return _scale_rows(func((grid[:, j] + (s.to(TIME) - j) * gap).to(s.dtype), y), gap)
 
         joint_ts = tuple(float(j) for j in range(T.shape[1]))
     else:
