@@ -377,8 +377,9 @@ class RowEvents:
         with those rows moved there, differentiable in the states."""
         t_ev = torch.where(theta == 1.0, t_new, s.t + theta * step)
         y_ev = torch.where((theta == 1.0)[:, None], y1, solve.interpolate(s, step, K, y1, theta))
-        s.T = torch.cat([s.T[:, :1], torch.where(cross[:, None], t_ev[:, None], s.T[:, 1:])], 1)  # a new tensor:
-        self.t[s.rows[cross]] = t_ev[cross]  # the recorded loop states keep theirs
+        # a new tensor, not an in-place write: the loop states recorded for a replay keep theirs
+        s.T = torch.cat([s.T[:, :1], torch.where(cross[:, None], t_ev[:, None], s.T[:, 1:])], 1)
+        self.t[s.rows[cross]] = t_ev[cross]
         return torch.where(cross[:, None], y_ev, y1), torch.where(cross, t_ev, t_new)
 
 
