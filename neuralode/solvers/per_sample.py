@@ -566,7 +566,7 @@ def solve_per_sample(settings, func, y0, t: torch.Tensor, event_fn=None, adjoint
         # the forward pass has run) become s = 0, 1, ..., n-1 and dy/ds = gap * f.
         def joint(s, y):
             j = interval[0]
-            grid = T if event_fn is None else torch.stack([T[:, 0], solve.events.t], 1)
+            grid = solve.T if event_fn is None else torch.stack([solve.T[:, 0], solve.events.t], 1)  # on y0's device
             gap = grid[:, j + 1] - grid[:, j]
             return _scale_rows(func((grid[:, j] + (s.to(TIME) - j) * gap).to(s.dtype), y), gap)
 
