@@ -163,6 +163,7 @@ def test_restarted_torchrun_worker_resumes_from_its_run_dir(fake_mnist, tmp_path
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 6
 
 
+@pytest.mark.slow  # ~8 s: launches torchrun to see it refuse
 @needs_gloo
 def test_multirun_under_torchrun_is_refused(tmp_path):
     res = torchrun("-m", "rtol=0.1,0.01", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, timeout=300)

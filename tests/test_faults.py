@@ -273,6 +273,7 @@ def test_debug_flag_adds_the_traceback(fake_mnist, tmp_path, caplog):
     assert record.exc_info is not None
 
 
+@pytest.mark.slow  # ~17 s, two CLI runs; fast: test_debug_flag_adds_the_traceback, test_train's bad command lines
 def test_entry_point_user_error_is_one_line_exit_2_and_verbose_adds_the_traceback(fake_mnist, tmp_path):
     bad = ["resume=/nonexistent/run", f"data_dir={fake_mnist}", *SHORT]
     res = run_train(*bad, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)

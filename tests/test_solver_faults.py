@@ -73,7 +73,7 @@ class _Decay(nn.Module):
         return -self.k * y
 
 
-@pytest.mark.parametrize("method", ["dopri5", "kvaerno5"])
+@pytest.mark.parametrize("method", ["dopri5", pytest.param("kvaerno5", marks=pytest.mark.slow)])
 def test_diverging_backsolve_adjoint_stops_and_names_the_backward_pass(method):
     """y' = -1000 y: the backsolve adjoint re-grows the state backwards. It used to take ~38 min
     (kvaerno5) to fail; now its backward solve gets 10x the forward's steps and says why."""
