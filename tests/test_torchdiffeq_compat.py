@@ -384,7 +384,8 @@ class _Jump:
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])
-@pytest.mark.parametrize("method", ["adaptive_heun", "fehlberg2", "bosh3", "dopri5", "tsit5"])
+@pytest.mark.parametrize("method", [pytest.param("adaptive_heun", marks=pytest.mark.slow),  # ~12 s of the suite
+                                    "fehlberg2", "bosh3", "dopri5", "tsit5"])
 @pytest.mark.parametrize("adjoint", [False, True])
 def test_jump_t_lowers_nfe(method, dtype, adjoint):
     """torchdiffeq's discontinuity test, run on ours: jump_t costs fewer evaluations than letting
