@@ -559,16 +559,15 @@ def solve_per_sample(settings, func, y0, t: torch.Tensor, event_fn=None, adjoint
         run_T = torch.stack([T[:, 0], torch.where(T[:, 1] >= T[:, 0], math.inf, -math.inf).to(TIME)], 1)
     params = adjoint_params_of(func, adjoint_params) if not isinstance(grad, Direct) else ()
     B = layout.B
-    interval = [0]  # the output interval the joint backward solve is on (set per interval by the adjoint)
-    if (t.ndim == 2 or event_fn is not None) and isinstance(grad, Adjoint):
+    remap = (t.ndim == 2 or event_fn is not None) and isinstance(grad, Adjoint)
+    interval = {}  # the output interval the joint backward solve is on: j, each row's start time and gap
+    if remap:
         # One time variable for the whole batch: s = j + (t - T[b, j]) / (T[b, j+1] - T[b, j]) on each
         # row's j-th interval, so the rows' grids (with events: [t0, the row's event time], known once
         # the forward pass has run) become s = 0, 1, ..., n-1 and dy/ds = gap * f.
         def joint(s, y):
-            j = interval[0]
-            grid = solve.T if event_fn is None else torch.stack([solve.T[:, 0], solve.events.t], 1)  # on y0's device
-            gap = grid[:, j + 1] - grid[:, j]
-            return _scale_rows(func((grid[:, j] + (s.to(TIME) - j) * gap).to(s.dtype), y), gap)
+            j, start, gap = interval["j"], interval["start"], interval["gap"]
+            return _scale_rows(func((start + (s.to(TIME) - j) * gap).to(s.dtype), y), gap)
 
         joint_ts = tuple(float(j) for j in range(T.shape[1]))
     else:
@@ -634,8 +633,10 @@ def solve_per_sample(settings, func, y0, t: torch.Tensor, event_fn=None, adjoint
                 self.out_ts = setup.ts
 
             @staticmethod
-            def select_interval(j: int) -> None:
-                interval[0] = j
+            def select_interval(j: int) -> None:  # once per output interval of the backward pass
+                if remap:
+                    grid = solve.T if event_fn is None else torch.stack([solve.T[:, 0], solve.events.t], 1)
+                    interval.update(j=j, start=grid[:, j], gap=grid[:, j + 1] - grid[:, j])
 
             def forward(self, y0_joint):
                 with torch.no_grad():
