@@ -403,13 +403,19 @@ def validate(cfg) -> None:
         raise ConfigError("invalid config: " + "; ".join(problems))
 
 
+def chosen_regularizers(cfg) -> list:
+    """The regularizers ``regularizer=`` turns on, in :data:`REGULARIZERS` order."""
+    reg = cfg.get("regularizer")
+    return [] if reg is None else [name for name in REGULARIZERS if reg.get(name) is not None]
+
+
 def regularizer_problems(cfg) -> list:
     """What is wrong with the ``regularizer`` choice for this model (docs/regularizers.md)."""
     reg, m = cfg.get("regularizer"), cfg.model
     if reg is None:
         return []
     problems = []
-    chosen = [name for name in REGULARIZERS if reg.get(name) is not None]
+    chosen = chosen_regularizers(cfg)
     rnode, steer, error = reg.get("rnode"), reg.get("steer"), reg.get("error")
     if error is not None and not error.weight >= 0:
         problems.append(f"regularizer.error.weight={error.weight} must be >= 0 (0 turns the term off)")

@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader
 
 from neuralode import NonFiniteError, SolverError, ToleranceError, record_stats
 from neuralode import preflight
-from neuralode.config import ConfigError, register_configs, validate
+from neuralode.config import ConfigError, chosen_regularizers, register_configs, validate
 from neuralode.data import DataError, EpochSampler
 from neuralode.distributed import Distributed, mean_over, torchrun_argv
 from neuralode.run import CheckpointError, OutputError, Run, duration, rng_state, set_rng_state
@@ -480,7 +480,7 @@ def set_up_regularizers(job: Job) -> None:
     from neuralode.tasks import regularization
 
     reg = job.cfg.get("regularizer")
-    chosen = [k for k in ("rnode", "steer", "error") if reg is not None and reg.get(k) is not None]
+    chosen = chosen_regularizers(job.cfg)
     job.regularization = regularization(job.cfg)
     if job.regularization is not None:
         install(job.model, job.regularization)
@@ -509,8 +509,7 @@ def regularized_loss(job: Job, batch: Any) -> tuple[torch.Tensor, dict[str, floa
 
 
 def regularizer_names(cfg: DictConfig) -> str:
-    reg = cfg.get("regularizer")
-    names = [k for k in ("rnode", "steer", "error") if reg is not None and reg.get(k) is not None]
+    names = chosen_regularizers(cfg)
     return (f"[{','.join(names)}]" if len(names) > 1 else names[0]) if names else "none"
 
 
