@@ -83,11 +83,11 @@ def _number(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
-def write_summary(sweep_dir: str | Path) -> list[Path]:
-    """Write the table and the figures (:func:`write_figures`); return the paths written (none
-    when the directory holds no job)."""
+def write_summary(sweep_dir: str | Path, rows: list[dict[str, Any]] | None = None) -> list[Path]:
+    """Write the table and the figures (:func:`write_figures`) of ``rows`` (default: :func:`collect`
+    them); return the paths written (none when the directory holds no job)."""
     sweep_dir = Path(sweep_dir)
-    rows = collect(sweep_dir)
+    rows = collect(sweep_dir) if rows is None else rows
     if not rows:
         return []
     csv_path, md_path = sweep_dir / "summary.csv", sweep_dir / "summary.md"
@@ -162,10 +162,11 @@ class SweepSummaryCallback(Callback):
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         global sweep_exit_code
         sweep_dir = Path(config.hydra.sweep.dir)
-        paths = write_summary(sweep_dir)
+        rows = collect(sweep_dir)  # each job's metrics.json, read once for the summary and the failures
+        paths = write_summary(sweep_dir, rows)
         if paths:
             log.info("sweep summary: %s", ", ".join(str(p) for p in paths))
-        bad = failed(collect(sweep_dir))
+        bad = failed(rows)
         for r in bad:
             log.error("job %s %s (exit code %s): %s", r["job"], r["status"], r["exit_code"], r["error"])
         sweep_exit_code = next((int(r["exit_code"] or 1) for r in bad), 0)
