@@ -111,7 +111,7 @@ class LatentODEConf:
     kl_weight: float = 1.0
     n_figures: int = 3  # fixed test series drawn to TensorBoard
     # union: solve the batch on the sorted union of its series' times; per_sample: every series on
-    # its own times with its own steps (adaptive explicit methods; others use the union)
+    # its own times with its own steps (adaptive one-step methods, stiff ones included; others use the union)
     time_grid: str = "union"
 
 

@@ -65,11 +65,13 @@ MLP_OUTPUTS = 10
 
 # ----------------------------------------------------------------------------------- problems
 class Counted(nn.Module):
-    """Counts every evaluation, whichever library calls it."""
+    """Counts every evaluation, whichever library calls it (``counting=False`` pauses it: a counter
+    that changes on every call would make torch.compile recompile every step)."""
 
     def __init__(self):
         super().__init__()
         self.nfe = 0
+        self.counting = True
 
 
 class MLPField(Counted):
@@ -83,7 +85,8 @@ class MLPField(Counted):
         self.to(dtype)
 
     def forward(self, t, y):
-        self.nfe += 1
+        if self.counting:
+            self.nfe += 1
         return self.l2(torch.tanh(self.l1(y)))
 
     def numpy_rhs(self):
@@ -97,7 +100,8 @@ class MLPField(Counted):
 
 class Lorenz(Counted):
     def forward(self, t, y):
-        self.nfe += 1
+        if self.counting:
+            self.nfe += 1
         x, yy, z = y.unbind(-1)
         return torch.stack([10.0 * (yy - x), x * (28.0 - z) - yy, x * yy - (8.0 / 3.0) * z], -1)
 
@@ -110,7 +114,8 @@ class VanDerPol(Counted):
     mu = 5.0
 
     def forward(self, t, y):
-        self.nfe += 1
+        if self.counting:
+            self.nfe += 1
         x, v = y.unbind(-1)
         return torch.stack([v, self.mu * (1 - x * x) * v - x], -1)
 
@@ -492,10 +497,10 @@ def fixed_methods_table(args, master) -> List[str]:
 
 
 # ---------------------------------------------------------------------- per-sample stepping
-def van_der_pol_batch(n: int, seed: int = 0) -> torch.Tensor:
-    """(n, 3) states (x, v, mu) with mu log-uniform in [0.1, 20]; mu rides along with zero derivative."""
+def van_der_pol_batch(n: int, seed: int = 0, mu_max: float = 20.0) -> torch.Tensor:
+    """(n, 3) states (x, v, mu) with mu log-uniform in [0.1, mu_max]; mu rides along with zero derivative."""
     g = torch.Generator().manual_seed(seed)
-    mu = torch.exp(torch.empty(n, dtype=torch.float64).uniform_(math.log(0.1), math.log(20.0), generator=g))
+    mu = torch.exp(torch.empty(n, dtype=torch.float64).uniform_(math.log(0.1), math.log(mu_max), generator=g))
     return torch.stack([torch.full((n,), 2.0, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), mu], -1)
 
 
@@ -581,14 +586,77 @@ def per_sample_table(args) -> List[str]:
     return lines
 
 
+def per_sample_stiff_table(args) -> List[str]:
+    """Stiff methods per sample: Van der Pol batch of 64, mu log-uniform in [0.1, 1000], 10 outputs
+    on [0, 3], rtol = atol = 1e-6: kvaerno5 joint against kvaerno5 and auto per sample (forward, and
+    forward + backward with checkpoint gradients)."""
+    B, tol = 64, 1e-6
+    f = VdPBatch()
+    y0 = van_der_pol_batch(B, args.seed, mu_max=1000.0)
+    t = torch.linspace(0, 3, 10, dtype=torch.float64)
+    joint_f = lambda s, y: f(s.expand(B), y)  # noqa: E731
+    runs = {"kvaerno5 joint": (joint_f, "kvaerno5", {}),
+            "kvaerno5 per-sample": (f, "kvaerno5", dict(per_sample=True, compact=True)),
+            "auto per-sample": (f, "auto", dict(per_sample=True, compact=True))}
+
+    def solve(name, grad=None):
+        func, method, options = runs[name]
+        y = y0.clone().requires_grad_(grad is not None)
+        with neuralode.record_stats() as st:
+            ys = neuralode.odeint(func, y, t, rtol=tol, atol=tol, method=method, options=options,
+                                  grad=grad or "direct", adjoint_params=())
+            if grad is not None:
+                ys.square().mean().backward()
+        return st
+
+    reps = max(3, args.reps // 5)
+    lines = ["| stiff batch (mu up to 1000) | mean accepted steps per sample | loop iterations | forward | "
+             "fwd+bwd, checkpoint | forward vs joint |", "|---|---|---|---|---|---|"]
+    fwd = {}
+    for name in runs:
+        with torch.no_grad():
+            st = solve(name)
+            times = [_timed(lambda: solve(name)) for _ in range(reps)]
+        per = st.sample_accepted is not None and name != "kvaerno5 joint"
+        steps = f"{st.sample_accepted.double().mean().item():.1f}" if per else str(st.n_accepted)
+        iters = int((st.sample_accepted + st.sample_rejected).max()) if per else st.n_accepted + st.n_rejected
+        fwd[name] = statistics.median(times)
+        back = statistics.median([_timed(lambda: solve(name, "checkpoint")) for _ in range(max(2, reps // 2))])
+        lines.append(f"| {name} | {steps} | {iters} | {fmt_t(fwd[name])} | {fmt_t(back)} | "
+                     f"{fwd[name] / fwd['kvaerno5 joint']:.2f} |")
+    for line in lines:
+        print(line, flush=True)
+    return lines
+
+
+def _timed(run: Callable) -> float:
+    t0 = time.perf_counter()
+    run()
+    return time.perf_counter() - t0
+
+
+def _uncounted(f: Counted, run: Callable):
+    """Run with the field's counter paused, adding the solve's NFE from record_stats instead."""
+    f.counting = False
+    try:
+        with neuralode.record_stats() as stats:
+            out = run()
+    finally:
+        f.counting = True
+    f.nfe += stats.nfe_forward
+    return out
+
+
 def overhead_table(probs: Dict[str, Problem], tols, args) -> List[str]:
     """The loop's own cost: a forward solve's wall time divided by the bare cost of its function
     evaluations (the same number of calls of the field on the initial state, timed alone), for us,
-    torchdiffeq and torchode (joint solve, batch of one) on the same problems. 1.0 is the limit."""
+    torchdiffeq and torchode (joint solve, batch of one) on the same problems, and ours with
+    ``options=dict(compile=True)`` (each step's stages through torch.compile; compiled before
+    timing). 1.0 is the limit."""
     import torchode as to
 
-    lines = ["| problem | tol | NFE ours / td / torchode | solve ÷ bare evaluations: ours | torchdiffeq | torchode |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| problem | tol | NFE ours / td / torchode | solve ÷ bare evaluations: ours | ours, compile=True | "
+             "torchdiffeq | torchode |", "|---|---|---|---|---|---|---|"]
     reps = max(5, args.reps)
     for name, prob in probs.items():
         f, y0, t = prob.func, prob.y0, prob.t
@@ -599,6 +667,8 @@ def overhead_table(probs: Dict[str, Problem], tols, args) -> List[str]:
             tdo = to.AutoDiffAdjoint(to.Dopri5(term=term), to.IntegralController(atol=tol, rtol=tol, term=term))
             ivp = to.InitialValueProblem(y0=y0.reshape(1, -1), t_eval=t[None])
             runs = {"ours": lambda: neuralode.odeint(f, y0, t, rtol=tol, atol=tol),
+                    "compiled": lambda: _uncounted(f, lambda: neuralode.odeint(f, y0, t, rtol=tol, atol=tol,
+                                                                                options=dict(compile=True))),
                     "td": lambda: torchdiffeq.odeint(f, y0, t, rtol=tol, atol=tol),
                     "torchode": lambda: tdo.solve(ivp)}
             ratios, nfes = {}, {}
@@ -612,7 +682,7 @@ def overhead_table(probs: Dict[str, Problem], tols, args) -> List[str]:
                     ts, tb = interleaved_times(run, bare, reps, 1)
                     ratios[lib] = statistics.median(ts) / statistics.median(tb)
             line = (f"| {name} | {tol:g} | {nfes['ours']} / {nfes['td']} / {nfes['torchode']} | {ratios['ours']:.2f} | "
-                    f"{ratios['td']:.2f} | {ratios['torchode']:.2f} |")
+                    f"{ratios['compiled']:.2f} | {ratios['td']:.2f} | {ratios['torchode']:.2f} |")
             print(line, flush=True)
             lines.append(line)
     return lines
@@ -682,6 +752,7 @@ def main(argv=None) -> None:
     if args.per_sample:
         print("\nPer-sample stepping (Van der Pol batch):")
         per_sample_table(args)
+        per_sample_stiff_table(args)
     if args.fixed_methods:
         print("\nFixed-step methods:")
         fixed_methods_table(args, import_torchdiffeq_master(args.td_master))

@@ -48,9 +48,9 @@ class ODEFunc(nn.Module):
 
 def per_sample_ok(solver: SolverSettings, time_grid: str) -> bool:
     """Whether ``time_grid="per_sample"`` takes effect: per-sample stepping covers the adaptive
-    explicit methods (every gradient mode but reversible); other settings solve jointly."""
-    return time_grid == "per_sample" and solver.adaptive and solver.method not in ("kvaerno5", "kvaerno3", "auto") \
-        and type(solver.grad).__name__ != "Reversible"
+    one-step methods (explicit, kvaerno3/5, auto) in every gradient mode but reversible; other
+    settings solve jointly."""
+    return time_grid == "per_sample" and solver.per_sample_capable
 
 
 class Encoder(nn.Module):
@@ -137,7 +137,7 @@ class _Scaled(nn.Module):
 class LatentODE(nn.Module):
     """``time_grid``: "union" solves the batch jointly on the sorted union of its series' times;
     "per_sample" gives every series its own steps and its own output times (per-sample stepping,
-    for adaptive explicit methods; others fall back to the union grid)."""
+    for adaptive one-step methods; others fall back to the union grid)."""
 
     def __init__(self, obs_dim: int, solver: SolverSettings, latent_dim: int = 4, rec_hidden: int = 25,
                  dyn_hidden: int = 20, dec_hidden: int = 20, encoder: str = "gru", dyn_layers: int = 1,

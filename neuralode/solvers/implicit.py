@@ -65,6 +65,7 @@ class ESDIRKTableau:
     a: Tuple[Tuple[float, ...], ...]
     embedded: int
     dense: Tuple[Tuple[float, ...], ...] = ()  # per stage: coefficients of theta^1.. of its dense-output weight
+    fsal = True  # the first stage is f(t, y), and stiff accuracy makes the last one f(t + h, y1)
 
 
 _g = 0.26

@@ -81,11 +81,22 @@ class Func:
         return out if out.dtype == self.dtype else out.to(self.dtype)  # as torchdiffeq: cast into the state's dtype
 
     def __call__(self, t: float, y: torch.Tensor) -> torch.Tensor:
-        if self.backward:
-            self.stats.nfe_backward += 1
-        else:
-            self.stats.nfe_forward += 1
+        self.count(1)
         return self.raw(t, y)
+
+    @property
+    def compilable(self) -> bool:
+        """A compiled step may call the user's func itself: a lone tensor state needs no reshaping."""
+        return not self.structure.is_tuple
+
+    def count(self, n: int) -> None:
+        if self.backward:
+            self.stats.nfe_backward += n
+        else:
+            self.stats.nfe_forward += n
+
+    def check(self, out: torch.Tensor) -> None:
+        self._check(out)
 
     def time(self, t: float) -> torch.Tensor:
         return torch.full((), t, dtype=self.t_dtype, device=self.device)

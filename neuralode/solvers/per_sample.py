@@ -21,6 +21,10 @@ for the rows that crossed, the event function seeing the same rows as ``func`` (
 host read per attempted step, and one per bisection iteration of a step where a row fired). Every
 gradient mode works; the event times carry no gradient (torchdiffeq's ``odeint`` rule).
 
+Methods: the adaptive explicit tableaus (:class:`PerSampleSolve`), the ESDIRKs kvaerno3/kvaerno5
+with one Newton system per sample (:class:`PerSampleESDIRK`) and "auto", switching each sample on
+its own stiffness estimate (:class:`PerSampleAuto`).
+
 Gradients: direct (through the loop), checkpoint (the loop's decisions are recorded and segments
 re-run with them), and the backsolve adjoint, whose backward pass is solved jointly (one step size
 for the batch, as torchode found necessary); per-sample grids are mapped onto the shared grid
@@ -29,6 +33,7 @@ s = 0, 1, ..., n-1 by a per-row change of time variable on each output interval.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -37,9 +42,12 @@ import torch
 
 from .control import Tolerance
 from .errors import STIFF_HINT, MaxStepsError, NonFiniteError, StepSizeUnderflowError
+from .implicit import ETA_MIN, KAPPA, MAX_NEWTON, _ImplicitStage
 from .integrate import DEFAULT_MAX_STEPS
+from .linalg import DenseNewtonMatrix
 
 TIME = torch.float64
+logger = logging.getLogger("neuralode.solvers")
 
 
 @dataclass
@@ -55,6 +63,7 @@ class LoopState:
     out_i: torch.Tensor  # (m,) index of the next output of each row
     abs_y: torch.Tensor  # (m, D) |y| for the error scale
     T: torch.Tensor  # (m, n) the rows' output times (float64); T[:, -1] is where each row ends
+    watch: torch.Tensor  # (m, 3) long: method="auto"'s per-row state (implicit now, stiff and non-stiff counts)
 
     def detached(self) -> "LoopState":
         return LoopState(*(v.detach() for v in self.__dict__.values()))
@@ -73,6 +82,7 @@ class Decisions:
     emit: List[int] = field(default_factory=list)  # how many output slots the iteration checked
     keep: List[Optional[torch.Tensor]] = field(default_factory=list)  # compaction after the iteration
     events: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)  # rows fired, where
+    watch: List[torch.Tensor] = field(default_factory=list)  # LoopState.watch after the iteration
     states: Dict[int, LoopState] = field(default_factory=dict)
 
 
@@ -82,6 +92,7 @@ class PerSampleSolve:
     def __init__(self, prob, method, y0: torch.Tensor, T: torch.Tensor, t_dtype: torch.dtype,
                  call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], norm: Callable):
         self.prob, self.tab = prob, method.tableau
+        self.fsal, self.dense = self.tab.fsal, self.tab.dense or None
         self.order = method.controller_order
         self.B, self.D = y0.shape[0], y0[0].numel()
         self.y0 = y0.reshape(self.B, -1)
@@ -132,7 +143,8 @@ class PerSampleSolve:
                 h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dmax) ** (1.0 / (self.order + 1)))
                 h = torch.minimum(torch.minimum(100 * h0, h1), torch.full_like(h0, o.max_step))
         zeros = torch.zeros(self.B, dtype=torch.long, device=y.device)
-        return LoopState(rows, y, f0, t0, h, torch.ones_like(h), zeros + 1, abs_y, self.T)
+        watch = torch.zeros(self.B, 3, dtype=torch.long, device=y.device)
+        return LoopState(rows, y, f0, t0, h, torch.ones_like(h), zeros + 1, abs_y, self.T, watch)
 
     def _coeffs(self, like: torch.Tensor) -> dict:
         """The tableau as tensors (cached per dtype and device), so a stage is one matmul."""
@@ -148,7 +160,8 @@ class PerSampleSolve:
 
     def stages(self, s: LoopState, h: torch.Tensor):
         """One RK step of every row with its own signed step ``h`` (time dtype). Returns y1, the
-        stage derivatives stacked as (m, D, stages), and f at the end when the tableau has it."""
+        stage derivatives stacked as (m, D, stages), f at the end when the tableau has it, and the
+        rows whose step failed outright (None: an explicit step cannot)."""
         co = self._coeffs(s.y)
         hy = h.to(s.y.dtype)[:, None]
         times = torch.addcmul(s.t[:, None], h[:, None], co["c"])  # (m, stages)
@@ -158,8 +171,8 @@ class PerSampleSolve:
             yi = torch.addcmul(s.y, hy, torch.stack(ks, -1) @ a)
             ks.append(self.f(times[:, i], yi))
         K = torch.stack(ks, -1)
-        y1 = yi if self.tab.fsal else torch.addcmul(s.y, hy, K @ co["b"])
-        return y1, K, (ks[-1] if self.tab.fsal else None)
+        y1 = yi if self.fsal else torch.addcmul(s.y, hy, K @ co["b"])
+        return y1, K, (ks[-1] if self.fsal else None), None
 
     def error_ratio(self, s: LoopState, h: torch.Tensor, y1: torch.Tensor, K: torch.Tensor):
         with torch.no_grad():
@@ -168,12 +181,29 @@ class PerSampleSolve:
             abs_y1 = y1.detach().abs()
             sc = self.scale(s.rows, s.abs_y, abs_y1)
             Kd = K.detach()
-            e5 = self.norm(hy * (Kd @ co["e"]) / sc)
+            e5 = self.norm(hy * _weigh(Kd, self.error_weights(s, co)) / sc)
             if co["e3"] is None:
                 return e5.to(TIME), abs_y1
             e3 = self.norm(hy * (Kd @ co["e3"]) / sc)
             blend = e5 * e5 / torch.sqrt(e5 * e5 + 0.01 * e3 * e3)
             return torch.where(e5 == 0, e5, blend).to(TIME), abs_y1
+
+    def error_weights(self, s: LoopState, co: dict) -> torch.Tensor:
+        """The embedded error's stage weights: one vector, or one row per sample (method="auto")."""
+        return co["e"]
+
+    def dense_weights(self, s: LoopState, like: torch.Tensor) -> torch.Tensor:
+        """The dense output's (degree, stages) coefficients, or one such matrix per sample."""
+        return self._dense_matrix(like)
+
+    def observe(self, s: LoopState, step: torch.Tensor, K: torch.Tensor, accept: torch.Tensor, t_new) -> torch.Tensor:
+        """The rows' ``watch`` after an attempted step (only method="auto" keeps one)."""
+        return s.watch
+
+    def report(self, stats) -> None:
+        stats.sample_accepted, stats.sample_rejected = self.accepted, self.rejected
+        stats.n_accepted += int(self.accepted.sum())
+        stats.n_rejected += int(self.rejected.sum())
 
     def factor(self, ratio: torch.Tensor, prev: torch.Tensor, accept: torch.Tensor) -> torch.Tensor:
         o, k = self.prob.opts, self.order + 1
@@ -185,26 +215,26 @@ class PerSampleSolve:
     def interpolate(self, s: LoopState, h: torch.Tensor, K: torch.Tensor, y1, theta: torch.Tensor) -> torch.Tensor:
         """The tableau's dense output at per-row fractions ``theta``: the weights of every stage
         come from one (m, degree) x (degree, stages) product of theta's powers."""
-        tab = self.tab
         th = theta.to(s.y.dtype)[:, None]
         hy = h.to(s.y.dtype)[:, None]
-        if tab.dense is None:  # cubic Hermite from the ends
-            f1 = K[..., -1] if tab.fsal else self.f(s.t + h, y1)
+        if self.dense is None:  # cubic Hermite from the ends
+            f1 = K[..., -1] if self.fsal else self.f(s.t + h, y1)
             t2, t3 = th * th, th * th * th
             out = torch.lerp(s.y, y1, 3 * t2 - 2 * t3)
             return out + hy * ((t3 - 2 * t2 + th) * K[..., 0] + (t3 - t2) * f1)
-        if K.shape[-1] < len(tab.dense):  # DOP853's extra stages, once per step that needs them
+        if K.shape[-1] < len(self.dense):  # DOP853's extra stages, once per step that needs them
             ks = list(K.unbind(-1))
-            for ci, row in zip(tab.dense_c, tab.dense_a):
+            for ci, row in zip(self.tab.dense_c, self.tab.dense_a):
                 ks.append(self.f(s.t + ci * h, _combine(s.y, hy, row, ks)))
             K = torch.stack(ks, -1)
-        C = self._dense_matrix(s.y)
-        w = torch.cumprod(th.expand(-1, C.shape[0]), 1) @ C  # (m, stages): theta, theta^2, ... times C
+        C = self.dense_weights(s, s.y)
+        P = torch.cumprod(th.expand(-1, C.shape[-2]), 1)  # theta, theta^2, ...
+        w = P @ C if C.ndim == 2 else torch.bmm(P[:, None, :], C).squeeze(1)  # (m, stages)
         return torch.addcmul(s.y, hy, torch.bmm(K, w[:, :, None]).squeeze(-1))
 
     def _dense_matrix(self, like: torch.Tensor) -> torch.Tensor:
         if getattr(self, "_C", None) is None or self._C.dtype != like.dtype:
-            self._C = torch.tensor(self.tab.dense, dtype=like.dtype, device=like.device).T.contiguous()
+            self._C = torch.tensor(self.dense, dtype=like.dtype, device=like.device).T.contiguous()
         return self._C
 
     # -- the loop ------------------------------------------------------------------------------
@@ -232,10 +262,12 @@ class PerSampleSolve:
                 step = d * h
             else:
                 step = replay.h[it]
-            y1, K, f1 = self.stages(s, step)
+            y1, K, f1, failed = self.stages(s, step)
             t_new = torch.where(step.abs() == remaining, t_end, s.t + step)
             if replay is None:
                 ratio, abs_y1 = self.error_ratio(s, step, y1, K)
+                if failed is not None:  # a failed Newton iteration: reject, with the smallest step factor
+                    ratio = torch.where(failed, torch.full_like(ratio, 1e30), ratio)
                 finite = torch.isfinite(ratio)
                 accept = finite & (ratio <= 1.0)
                 n_bad = torch.where(finite, torch.zeros_like(n_bad), n_bad + 1)
@@ -244,9 +276,10 @@ class PerSampleSolve:
                 h_next = (step.abs() * fac)
                 prev = torch.where(accept, ratio.clamp_min(1e-4), s.prev)
                 fired = self.events.locate(self, s, step, K, accept, y1, t_new) if self.events is not None else None
+                watch = self.observe(s, step, K, accept, t_new)
             else:
                 accept = replay.accept[it]
-                abs_y1, h_next, prev = s.abs_y, s.h, s.prev
+                abs_y1, h_next, prev, watch = s.abs_y, s.h, s.prev, replay.watch[it]
                 fired = replay.events[it] if self.events is not None else None
             if fired is not None:  # the rows whose event fired end there
                 y1, t_new = self.events.end_rows(self, s, step, K, y1, t_new, *fired)
@@ -278,6 +311,7 @@ class PerSampleSolve:
                 record.accept.append(accept)
                 record.emit.append(emit)
                 record.events.append(fired)
+                record.watch.append(watch)
             if replay is None:  # rows that finished earlier (zero steps) count nothing
                 live = s.t != t_end
                 self.accepted[s.rows] += (accept & live).long()
@@ -288,7 +322,7 @@ class PerSampleSolve:
                 f_end = f1 if f1 is not None else self.f(t_new, y1)
                 f0 = torch.where(a, f_end, s.f0)
             s = LoopState(s.rows, torch.where(a, y1, s.y), f0, torch.where(accept, t_new, s.t), h_next, prev,
-                          s.out_i + n_passed, torch.where(a, abs_y1, s.abs_y), s.T)
+                          s.out_i + n_passed, torch.where(a, abs_y1, s.abs_y), s.T, watch)
             done = accept & (s.t == t_end) if replay is None else None
             it += 1
             if replay is not None:
@@ -323,6 +357,175 @@ class PerSampleSolve:
         if tiny:
             raise StepSizeUnderflowError(f"{self.prob.label}: step size underflow for a sample (per-sample loop, "
                                          f"iteration {it}). " + STIFF_HINT)
+
+
+class PerSampleESDIRK(PerSampleSolve):
+    """Per-sample ESDIRK (kvaerno3, kvaerno5): each row solves its own stage equations by
+    simplified Newton with its own block of the Newton matrix, I - h_b gamma J_b, all blocks
+    factorised at once. J is taken at every step's start (d reverse passes for the batch), so a
+    checkpoint replay rebuilds it from the recorded state; each row converges, or fails and is
+    rejected with a smaller step, on its own. Gradients differentiate each stage's solution
+    implicitly, as the joint stepper does (implicit.py)."""
+
+    def _coeffs(self, like: torch.Tensor) -> dict:
+        key = (like.dtype, like.device)
+        if getattr(self, "_coeff_key", None) != key:
+            tab, n = self.tab, len(self.tab.c)
+            pad = lambda row: torch.tensor(list(row) + [0.0] * (n - len(row)), dtype=like.dtype, device=like.device)  # noqa: E731
+            b = pad(tab.a[-1])  # y1 = the last stage; the embedded solution is another stage
+            self._coeff = {"b": b, "e": b - pad(tab.a[tab.embedded]), "e3": None,
+                           "c": torch.tensor(tab.c, dtype=TIME, device=like.device)}
+            self._coeff_key = key
+        return self._coeff
+
+    def count(self, name: str, n: int = 1) -> None:
+        if self.prob.stats is not None:
+            setattr(self.prob.stats, name, getattr(self.prob.stats, name) + n)
+
+    def stages(self, s: LoopState, h: torch.Tensor):
+        tab, co = self.tab, self._coeffs(s.y)
+        hy = h.to(s.y.dtype)[:, None]
+        hg = hy * tab.gamma
+        hg_safe = torch.where(hg == 0, torch.ones_like(hg), hg)  # finished rows (zero step): k = 0, not 0/0
+        times = torch.addcmul(s.t[:, None], h[:, None], co["c"])
+        diff = torch.is_grad_enabled() and (s.y.requires_grad or s.f0.requires_grad)
+        yd = s.y.detach()
+        mat = DenseNewtonMatrix(batch=True, autodiff=self.prob.autodiff)
+        with torch.no_grad():
+            mat.update(self.f, s.t, yd, s.f0.detach())
+            mat.factor(hg[:, :, None])
+            inv_scale = self.scale(s.rows, yd.abs(), yd.abs()).reciprocal()
+        self.count("n_jac")
+        ks, kd, Y_prev = [s.f0], [s.f0.detach()], yd
+        failed = torch.zeros_like(s.t, dtype=torch.bool)
+        eta = torch.ones_like(s.t)
+        for i in range(1, len(tab.c)):
+            row = tab.a[i]
+            with torch.no_grad():
+                base = _combine(yd, hy, row[:-1], kd)
+                Y = Y_prev + ((tab.c[i] - tab.c[i - 1]) * hy) * kd[-1]  # predictor: Euler from the previous stage
+                Y, ok, eta = self._newton(times[:, i], base, Y, mat, hg, inv_scale, eta)
+                failed |= ~ok
+                Y = torch.where(ok[:, None], Y, base)  # a failed row stays finite (its step is rejected)
+            if diff:
+                with torch.enable_grad():
+                    base_g = _combine(s.y, hy, row[:-1], ks)
+                    Yr = Y.detach().requires_grad_(True)
+                    fY = self.f(times[:, i], Yr)
+                    Yg = Y + _ImplicitStage.apply(base_g + hg * fY - Yr, mat, fY, Yr, hg, self)
+                    k = (Yg - base_g) / hg_safe
+                self.count("n_linear_solves")
+                Y = Yg
+                kd.append(k.detach())
+            else:
+                k = (Y - base) / hg_safe
+                kd.append(k)
+            ks.append(k)
+            Y_prev = Y.detach()
+        return Y, torch.stack(ks, -1), ks[-1], failed
+
+    def _newton(self, t_i, base, Y, mat, hg, inv_scale, eta):
+        """Simplified Newton on every row at once (implicit.py's rules per row): a row stops when
+        converged, or fails when it diverges or cannot converge in the iterations left. One host
+        read per iteration for the whole batch."""
+        eta = eta.clamp_min(ETA_MIN) ** 0.8
+        active = torch.ones_like(eta, dtype=torch.bool)
+        ok = torch.zeros_like(active)
+        dn_old = None
+        for it in range(MAX_NEWTON):
+            dY = mat.solve(torch.addcmul(base, hg, self.f(t_i, Y)).sub_(Y))
+            Y = torch.where(active[:, None], Y + dY, Y)
+            dn = self.norm(dY * inv_scale).to(eta.dtype)
+            bad = ~torch.isfinite(dn)
+            if dn_old is not None:
+                theta = torch.where(dn_old > 0, dn / dn_old, torch.zeros_like(dn))
+                bad |= theta >= 0.9
+                eta = torch.where(active & ~bad, theta / (1.0 - theta.clamp(max=0.9)), eta)
+                if it >= 2:
+                    bad |= theta.clamp(max=0.9) ** (MAX_NEWTON - 1 - it) / (1.0 - theta.clamp(max=0.9)) * dn > KAPPA
+            conv = active & ~bad & ((eta * dn <= KAPPA) | (dn <= 1e-12))
+            ok |= conv
+            active &= ~(conv | bad)
+            self.count("n_newton_iters")
+            self.count("n_linear_solves")
+            if not bool(active.any()):
+                break
+            dn_old = dn
+        return Y, ok, eta
+
+
+class PerSampleAuto(PerSampleSolve):
+    """method="auto" per sample: every row starts with dopri5 and switches to kvaerno5 for good
+    once its own stiffness estimate says so (auto.py's rule, per row and on every accepted step:
+    15 estimates of h*|lambda| beyond dopri5's stability limit without 6 below it between). The two
+    methods share 7 stages, a degree-4 dense output and the controller's order, so error weights and
+    dense output are chosen per row. An iteration with rows of both kinds steps each kind on its own
+    rows with ``compact=True`` (func sees subsets of the batch), otherwise both on the whole batch,
+    each with a zero step on the other kind's rows."""
+
+    def __init__(self, prob, method, *args):
+        super().__init__(prob, method.explicit, *args)
+        self.implicit = PerSampleESDIRK(prob, method.implicit, *args)
+        self.names = (method.explicit.name, method.implicit.name)
+        self.limit, j = method.explicit.stiff_limit, method.explicit.stiff_stage
+        tab = self.tab
+        self.y1_minus_stage = [b - a for b, a in zip(tab.b, list(tab.a[j - 1]) + [0.0] * len(tab.b))]
+        self.switched_at = torch.full((self.B,), math.nan, dtype=TIME, device=self.y0.device)
+
+    def stages(self, s: LoopState, h: torch.Tensor):
+        imp = s.watch[:, 0] == 1
+        n_imp = int(imp.sum())  # one more host read per attempted step
+        if n_imp == 0:
+            return super().stages(s, h)
+        if n_imp == imp.numel():
+            return self.implicit.stages(s, h)
+        if self.compact:
+            ie, ii = (~imp).nonzero().squeeze(1), imp.nonzero().squeeze(1)
+            (ye, Ke, fe, _), (yi, Ki, fi, failed) = super().stages(s.take(ie), h[ie]), self.implicit.stages(s.take(ii), h[ii])
+            back = torch.argsort(torch.cat([ie, ii]))
+            y1, K, f1 = (torch.cat(pair)[back] for pair in ((ye, yi), (Ke, Ki), (fe, fi)))
+            return y1, K, f1, torch.cat([torch.zeros_like(ie, dtype=torch.bool), failed])[back]
+        zero = torch.zeros_like(h)
+        ye, Ke, fe, _ = super().stages(s, torch.where(imp, zero, h))
+        yi, Ki, fi, failed = self.implicit.stages(s, torch.where(imp, h, zero))
+        m = imp[:, None]
+        return torch.where(m, yi, ye), torch.where(m[..., None], Ki, Ke), torch.where(m, fi, fe), failed & imp
+
+    def error_weights(self, s: LoopState, co: dict) -> torch.Tensor:
+        return torch.where((s.watch[:, 0] == 1)[:, None], self.implicit._coeffs(co["e"])["e"], co["e"])
+
+    def dense_weights(self, s: LoopState, like: torch.Tensor) -> torch.Tensor:
+        C_e, C_i = self._dense_matrix(like), self.implicit._dense_matrix(like)
+        return torch.where((s.watch[:, 0] == 1)[:, None, None], C_i, C_e)
+
+    def observe(self, s: LoopState, step: torch.Tensor, K: torch.Tensor, accept: torch.Tensor, t_new) -> torch.Tensor:
+        """Hairer's estimate h*|lambda| = |h| ||k7 - k6|| / ||y1 - Y6|| on the explicit rows' accepted steps."""
+        from .rk import RESET_COUNT, STIFF_COUNT
+
+        with torch.no_grad():
+            Kd = K.detach()
+            w = torch.tensor(self.y1_minus_stage, dtype=Kd.dtype, device=Kd.device)
+            num = torch.linalg.vector_norm(Kd[..., -1] - Kd[..., -2], dim=1).to(TIME)
+            den = torch.linalg.vector_norm(Kd @ w, dim=1).to(TIME)  # ||y1 - Y6|| / |h|
+            stiff = (num > self.limit * den) & (den > 0) & torch.isfinite(num)
+            seen = (s.watch[:, 0] == 0) & accept & (s.t != s.T[:, -1])
+            n_stiff = torch.where(seen & stiff, s.watch[:, 1] + 1, s.watch[:, 1])
+            n_non = torch.where(seen, torch.where(stiff, 0, s.watch[:, 2] + 1), s.watch[:, 2])
+            n_stiff = torch.where(seen & ~stiff & (n_non >= RESET_COUNT), 0, n_stiff)
+            switch = seen & (n_stiff >= STIFF_COUNT)
+            self.switched_at[s.rows] = torch.where(switch, t_new, self.switched_at[s.rows])
+            return torch.stack([torch.where(switch, 1, s.watch[:, 0]), n_stiff, n_non], 1)
+
+    def report(self, stats) -> None:
+        super().report(stats)
+        switched = ~torch.isnan(self.switched_at)
+        n = int(switched.sum())
+        stats.n_switches += n
+        if n:
+            first = float(self.switched_at[switched].min())
+            stats.switched_at = first if math.isnan(stats.switched_at) else min(stats.switched_at, first)
+            logger.info("method='auto' (per sample): %d of %d samples switched %s -> %s (the first at t=%.6g)",
+                        n, self.B, *self.names, first)
 
 
 class RowEvents:
@@ -383,6 +586,11 @@ class RowEvents:
         return torch.where(cross[:, None], y_ev, y1), torch.where(cross, t_ev, t_new)
 
 
+def _weigh(K: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """K (m, D, stages) times stage weights: one vector (stages,), or one per row (m, stages)."""
+    return K @ w if w.ndim == 1 else torch.bmm(K, w[:, :, None]).squeeze(-1)
+
+
 def _combine(y, hy: torch.Tensor, coeffs, ks) -> torch.Tensor:
     """y + h * sum_j c_j k_j with a per-row h of shape (m, 1): one fused multiply-add per term."""
     acc = None
@@ -432,7 +640,7 @@ class PerSampleCheckpoint(torch.autograd.Function):
             with torch.enable_grad():
                 y = st.y.clone().requires_grad_(True)
                 f0 = st.f0.clone().requires_grad_(True)
-                state = LoopState(st.rows, y, f0, st.t, st.h, st.prev, st.out_i, st.abs_y, st.T)
+                state = LoopState(st.rows, y, f0, st.t, st.h, st.prev, st.out_i, st.abs_y, st.T, st.watch)
                 zero = torch.zeros_like(grad_out)
                 out, end, _ = solve.run(state, out=zero.clone(), replay=rec, it0=s0, it1=s1)
                 tensors, grads = [out], [grad_out]
@@ -608,7 +816,8 @@ def solve_per_sample(settings, func, y0, t: torch.Tensor, event_fn=None, adjoint
             start += n
         return torch.stack(parts, 1).amax(1)
 
-    solve = PerSampleSolve(setup.prob, method, y_flat, run_T, setup.t_dtype, call, norm)
+    kind = {"implicit": PerSampleESDIRK, "auto": PerSampleAuto}.get(method.kind, PerSampleSolve)
+    solve = kind(setup.prob, method, y_flat, run_T, setup.t_dtype, call, norm)
     if event_fn is not None:
         solve.events = events = RowEvents(event_fn, layout, setup.t_dtype, B, y_flat.device)
         at_root = events.value(torch.arange(B, device=y_flat.device), solve.T[:, 0], y_flat) == 0
@@ -647,9 +856,7 @@ def solve_per_sample(settings, func, y0, t: torch.Tensor, event_fn=None, adjoint
 
         out_joint = BacksolveAdjoint.apply(_Run(), _to_joint(layout, y_in), *params)
         out = torch.stack([_from_joint(layout, o) for o in out_joint])
-    stats.sample_accepted, stats.sample_rejected = solve.accepted, solve.rejected
-    stats.n_accepted += int(solve.accepted.sum())
-    stats.n_rejected += int(solve.rejected.sum())
+    solve.report(stats)
     if time_grad and T.shape[1] > 1:
         with torch.no_grad():
             fs = torch.stack([call(T[:, j], out[j].detach()) for j in range(1, T.shape[1])])

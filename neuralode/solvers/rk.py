@@ -12,13 +12,14 @@ Linear combinations accumulate in place; that is autograd-safe because addition 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .errors import StiffnessError
-from .settings import ADAPTIVE_OPTIONS, FIXED_OPTIONS
+from .settings import ADAPTIVE_OPTIONS, FIXED_OPTIONS, RK_OPTIONS
 from .tableau import ButcherTableau
 
 Func = Callable[[float, torch.Tensor], torch.Tensor]
@@ -39,6 +40,34 @@ def combine(y: Optional[torch.Tensor], h: float, coeffs: Sequence[float], ks: Se
         else:
             out.add_(k, alpha=h * c)
     return torch.zeros_like(ks[0]) if out is None else out
+
+
+def _stages(field: Callable, t: torch.Tensor, h: torch.Tensor, y: torch.Tensor, f0: torch.Tensor,
+            c: Tuple[float, ...], a: Tuple[Tuple[float, ...], ...]):
+    """An explicit step's stages as one traceable function (``options["compile"]``): the time and
+    step are 0-dim tensors and the tableau is constants, so one graph serves every step of every
+    solve with the same field and shapes; no host reads, no Python-side state."""
+    hy = h.to(y.dtype)
+    ks, yi, prev = [f0], y, y
+    for ci, row in zip(c, a):
+        acc = None
+        for coeff, k in zip(row, ks):
+            if coeff != 0.0:
+                acc = k * coeff if acc is None else acc + k * coeff
+        prev, yi = yi, y + hy * acc
+        ks.append(field(t + ci * h, yi).to(y.dtype))
+    return prev, yi, ks
+
+
+_COMPILED: dict = {}  # torch.compile backend -> the compiled _stages: a code cache, no solve state
+
+
+def compiled_stages(backend: str) -> Callable:
+    """``torch.compile(_stages)`` for ``backend``, built once per process; ``fullgraph=True`` makes a
+    graph break inside a step an error rather than a silent slowdown."""
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(_stages, backend=backend, fullgraph=True, dynamic=False)
+    return _COMPILED[backend]
 
 
 class Step:
@@ -89,7 +118,7 @@ class ExplicitRK:
         self.tableau = tableau
         self.name, self.order, self.fsal, self.adaptive = tableau.name, tableau.order, tableau.fsal, tableau.adaptive
         self.controller_order = tableau.controller_order
-        self.option_names = (ADAPTIVE_OPTIONS | FIXED_OPTIONS) if tableau.adaptive else FIXED_OPTIONS
+        self.option_names = ((ADAPTIVE_OPTIONS | FIXED_OPTIONS) if tableau.adaptive else FIXED_OPTIONS) | RK_OPTIONS
         self.stiff_stage = _stiff_pair(tableau)
         self.stiff_limit = 0.98 * stability_limit(tableau) if self.stiff_stage is not None else math.inf
 
@@ -109,17 +138,45 @@ class ExplicitStepper:
         self.n_stiff = self.n_nonstiff = 0
         self.n_checked = 0
         self.hl = 0.0  # latest |h| * |lambda| estimate (set by ``error`` on the steps it checks)
+        backend = prob.opts.compile
+        self.compiled = compiled_stages("inductor" if backend is True else backend) if backend else None
 
     def step(self, func: Func, t: float, h: float, y: torch.Tensor, f0: torch.Tensor, tag=None) -> Step:
         tab = self.tab
-        ks = [f0]
-        yi = prev = y
-        for ci, row in zip(tab.c[1:], tab.a):
-            prev, yi = yi, combine(y, h, row, ks)
-            ks.append(func(t + ci * h, yi))
+        out = self._compiled_step(func, t, h, y, f0) if self.compiled is not None else None
+        if out is not None:
+            prev, yi, ks = out
+        else:
+            ks = [f0]
+            yi = prev = y
+            for ci, row in zip(tab.c[1:], tab.a):
+                prev, yi = yi, combine(y, h, row, ks)
+                ks.append(func(t + ci * h, yi))
         if tab.fsal:  # the last stage was evaluated at y1 itself
             return Step(t, h, y, yi, ks, ks[-1], aux=prev if self.watch else None)
         return Step(t, h, y, combine(y, h, tab.b, ks), ks, None)
+
+    def _compiled_step(self, func: Func, t: float, h: float, y: torch.Tensor, f0: torch.Tensor):
+        """The stages through ``compiled_stages``, or None where they cannot go: a wrapped func (jumps,
+        perturbation, the adjoint's augmented dynamics, tuple states) runs eagerly, and so does the
+        rest of the solve once torch.compile gives up (e.g. a field that counts its own calls is
+        recompiled on every step until torch's recompile limit)."""
+        if not getattr(func, "compilable", False):
+            return None
+        import torch._dynamo
+
+        try:
+            prev, yi, ks = self.compiled(func.func, func.time(t), func.time(h), y, f0, self.tab.c[1:], self.tab.a)
+        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.FailOnRecompileLimitHit) as err:
+            warnings.warn(f"options['compile']: torch.compile gave up on this field ({str(err).splitlines()[0]}); the "
+                          "solve continues eagerly. A field that changes Python state on every call (an NFE counter, "
+                          "say) is recompiled on every step: count evaluations with record_stats() instead",
+                          RuntimeWarning, stacklevel=4)
+            self.compiled = None
+            return None
+        func.count(len(ks) - 1)
+        func.check(ks[-1])
+        return prev, yi, ks
 
     def error_vectors(self, step: Step) -> List[torch.Tensor]:
         """The embedded error estimate(s) h * sum e_i k_i (two for DOP853). Call under no_grad."""

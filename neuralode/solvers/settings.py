@@ -30,6 +30,7 @@ ADAPTIVE_OPTIONS = frozenset({
 FIXED_OPTIONS = frozenset({"step_size", "grid_constructor", "perturb", "interp", "step_t", "jump_t"})
 COMMON_OPTIONS = frozenset({"norm", "dtype", "max_nfe", "max_num_steps"})
 IMPLICIT_OPTIONS = frozenset({"linear_solver", "batch_jacobian"})
+RK_OPTIONS = frozenset({"compile"})  # explicit Runge-Kutta only
 ADAMS_OPTIONS = frozenset({"max_order", "max_iters"})
 SCIPY_OPTIONS = frozenset({"solver", "min_step", "max_step", "first_step"})
 
@@ -54,6 +55,7 @@ class Options:
     stiffness_check: bool = True  # explicit methods: fail fast on a sustained stiff phase
     per_sample: bool = False  # every sample (leading dimension) gets its own steps (per_sample.py)
     compact: bool = False  # per-sample: drop finished samples from the batch handed to func
+    compile: Any = False  # explicit RK: torch.compile each step's stages (True: inductor, or a backend name)
     # every method
     norm: Any = None  # callable of the scaled error (a tuple for tuple states); "seminorm" for the adjoint
     dtype: Optional[torch.dtype] = None  # dtype of the time tensor handed to func
@@ -151,6 +153,8 @@ def _check_ranges(o: Options, adjoint: bool) -> None:
     need(isinstance(o.stiffness_check, bool), f"stiffness_check must be True or False, got {o.stiffness_check!r}")
     need(isinstance(o.per_sample, bool) and isinstance(o.compact, bool), "per_sample and compact must be True or False")
     need(not o.compact or o.per_sample, "compact applies to per-sample solves: pass per_sample=True as well")
+    need(isinstance(o.compile, (bool, str)), f"compile must be True, False or a torch.compile backend name, got {o.compile!r}")
+    need(not (o.compile and o.per_sample), "compile applies to joint solves; drop it with per_sample=True")
     if o.per_sample:
         for name, bad in (("step_size", o.step_size is not None), ("step_t", bool(o.step_t)), ("jump_t", bool(o.jump_t)),
                           ("grid_constructor", o.grid_constructor is not None)):
@@ -253,6 +257,21 @@ def _check_tolerance(name: str, tol) -> Any:
     return tol  # tensors are checked against the state's shape when the solve starts
 
 
+def _steps_per_sample(method) -> bool:
+    """Adaptive one-step methods can give every sample its own steps: explicit tableaus, the ESDIRKs, auto."""
+    return method.kind in ("explicit", "implicit", "auto") and method.adaptive and not method.multistep
+
+
+def _check_per_sample(method, opts: Options) -> None:
+    """Per-sample stepping needs adaptive one-step methods; implicit ones take block Jacobians."""
+    if not _steps_per_sample(method):
+        raise ValueError(f"per-sample stepping needs an adaptive explicit method (dopri5, tsit5, bosh3, dopri8, "
+                         f"fehlberg2, adaptive_heun), an ESDIRK (kvaerno3, kvaerno5) or auto, got {method.name!r}")
+    if method.kind != "explicit" and (opts.linear_solver == "gmres" or opts.batch_jacobian is False):
+        raise ValueError("per-sample implicit stepping solves one Newton system per sample with a dense Jacobian "
+                         "block: drop linear_solver='gmres' / batch_jacobian=False, or solve jointly (without per_sample)")
+
+
 def _check_reversible(method, opts: Options) -> None:
     """The reversible scheme is built from one explicit Runge-Kutta step (a tableau)."""
     if method.kind != "explicit" or method.multistep:
@@ -293,9 +312,8 @@ class SolverSettings:
             raise ValueError("norm='seminorm' applies to the adjoint solve: pass it in adjoint_options")
         if isinstance(self.grad, Reversible):
             _check_reversible(method, self.parsed)
-        if self.parsed.per_sample and (method.kind != "explicit" or not method.adaptive or method.multistep):
-            raise ValueError(f"per-sample stepping needs an adaptive explicit method (dopri5, tsit5, bosh3, dopri8, "
-                             f"fehlberg2, adaptive_heun), got {method.name!r}")
+        if self.parsed.per_sample:
+            _check_per_sample(method, self.parsed)
         if not isinstance(self.grad, Direct) and not method.supports_backward_modes:
             raise ValueError(f"method {method.name!r} supports only grad='direct'")
         if isinstance(self.grad, Adjoint):
@@ -313,6 +331,13 @@ class SolverSettings:
         from .methods import get_method
 
         return get_method(self.method).adaptive and self.parsed.step_size is None
+
+    @property
+    def per_sample_capable(self) -> bool:
+        """Whether ``options["per_sample"]`` could apply to these settings (method, step size, gradient mode)."""
+        from .methods import get_method
+
+        return self.adaptive and _steps_per_sample(get_method(self.method)) and not isinstance(self.grad, Reversible)
 
     def adjoint_options(self) -> dict:
         """The backward solve's options: the adjoint's own when given, else (as torchdiffeq does)
