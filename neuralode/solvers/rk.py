@@ -167,7 +167,7 @@ class ExplicitStepper:
 
         try:
             prev, yi, ks = self.compiled(func.func, func.time(t), func.time(h), y, f0, self.tab.c[1:], self.tab.a)
-        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.FailOnRecompileLimitHit) as err:
+        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as err:
             warnings.warn(f"options['compile']: torch.compile gave up on this field ({str(err).splitlines()[0]}); the "
                           "solve continues eagerly. A field that changes Python state on every call (an NFE counter, "
                           "say) is recompiled on every step: count evaluations with record_stats() instead",
