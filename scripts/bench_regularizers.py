@@ -98,7 +98,7 @@ def auto_row(args, out: Path) -> dict:
     base = [o for o in base if not o.startswith("tol=")]
     sweep = {}
     for tol in (1e-1, 1e-2, 1e-3, 1e-4):
-        m = run_job([*base, f"tol={tol:g}"], out / "auto" / f"tol={tol:g}", 0)
+        m = run_job([*base, f"tol={tol:g}"], out / "auto" / f"tol_{tol:g}", 0)  # no "=": Hydra parses the dir
         sweep[tol] = m.get("validity_gap")
     threshold = 0.01
     valid = [t for t, gap in sweep.items() if gap is not None and gap <= threshold]

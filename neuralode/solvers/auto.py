@@ -21,7 +21,7 @@ import torch
 
 from .implicit import ESDIRK
 from .rk import ExplicitRK, Step
-from .settings import ADAPTIVE_OPTIONS, IMPLICIT_OPTIONS
+from .settings import ADAPTIVE_OPTIONS, IMPLICIT_OPTIONS, RK_OPTIONS
 
 logger = logging.getLogger("neuralode.solvers")
 
@@ -34,7 +34,7 @@ class AutoSwitch:
     supports_adjoint_solve = True
     supports_backward_modes = True
     multistep = False
-    option_names = ADAPTIVE_OPTIONS | IMPLICIT_OPTIONS | {"step_size"}
+    option_names = ADAPTIVE_OPTIONS | IMPLICIT_OPTIONS | RK_OPTIONS | {"step_size"}  # compile: the explicit steps
 
     def __init__(self, explicit: ExplicitRK, implicit: ESDIRK):
         if explicit.stiff_stage is None:
