@@ -112,6 +112,12 @@ KVAERNO3 = ESDIRKTableau(  # Kvaerno's 4-stage 3(2) pair: L-stable, stiffly accu
 )
 
 
+def count_stat(stats, name: str, n: int = 1) -> None:
+    """Add ``n`` to a Newton statistic of the solve's stats (none recorded: nothing to do)."""
+    if stats is not None:
+        setattr(stats, name, getattr(stats, name) + n)
+
+
 def _newton_tolerances(dtype: torch.dtype) -> Tuple[float, float]:
     """(refinement, GMRES) relative tolerances of the backward linear solves, reachable in ``dtype``."""
     eps = torch.finfo(dtype).eps
@@ -204,8 +210,7 @@ class ESDIRKStepper:
         return self.mat
 
     def count(self, name: str, n: int = 1) -> None:
-        if self.stats is not None:
-            setattr(self.stats, name, getattr(self.stats, name) + n)
+        count_stat(self.stats, name, n)
 
     # -- the step -------------------------------------------------------------------------------------
     def step(self, func, t: float, h: float, y: torch.Tensor, f0: torch.Tensor, tag=None) -> Step:

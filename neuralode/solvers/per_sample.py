@@ -42,7 +42,7 @@ import torch
 
 from .control import Tolerance
 from .errors import STIFF_HINT, MaxStepsError, NonFiniteError, StepSizeUnderflowError
-from .implicit import ETA_MIN, KAPPA, MAX_NEWTON, _ImplicitStage
+from .implicit import ETA_MIN, KAPPA, MAX_NEWTON, _ImplicitStage, count_stat
 from .integrate import DEFAULT_MAX_STEPS
 from .linalg import DenseNewtonMatrix
 
@@ -379,8 +379,7 @@ class PerSampleESDIRK(PerSampleSolve):
         return self._coeff
 
     def count(self, name: str, n: int = 1) -> None:
-        if self.prob.stats is not None:
-            setattr(self.prob.stats, name, getattr(self.prob.stats, name) + n)
+        count_stat(self.prob.stats, name, n)
 
     def stages(self, s: LoopState, h: torch.Tensor):
         tab, co = self.tab, self._coeffs(s.y)
@@ -472,6 +471,12 @@ class PerSampleAuto(PerSampleSolve):
         self.y1_minus_stage = [b - a for b, a in zip(tab.b, list(tab.a[j - 1]) + [0.0] * len(tab.b))]
         self.switched_at = torch.full((self.B,), math.nan, dtype=TIME, device=self.y0.device)
 
+    def _coeffs(self, like: torch.Tensor) -> dict:
+        co = super()._coeffs(like)
+        if "stiff" not in co:  # y1 - Y6 as stage weights, for the stiffness estimate
+            co["stiff"] = torch.tensor(self.y1_minus_stage, dtype=like.dtype, device=like.device)
+        return co
+
     def stages(self, s: LoopState, h: torch.Tensor):
         imp = s.watch[:, 0] == 1
         n_imp = int(imp.sum())  # one more host read per attempted step
@@ -504,9 +509,8 @@ class PerSampleAuto(PerSampleSolve):
 
         with torch.no_grad():
             Kd = K.detach()
-            w = torch.tensor(self.y1_minus_stage, dtype=Kd.dtype, device=Kd.device)
             num = torch.linalg.vector_norm(Kd[..., -1] - Kd[..., -2], dim=1).to(TIME)
-            den = torch.linalg.vector_norm(Kd @ w, dim=1).to(TIME)  # ||y1 - Y6|| / |h|
+            den = torch.linalg.vector_norm(Kd @ self._coeffs(Kd)["stiff"], dim=1).to(TIME)  # ||y1 - Y6|| / |h|
             stiff = (num > self.limit * den) & (den > 0) & torch.isfinite(num)
             seen = (s.watch[:, 0] == 0) & accept & (s.t != s.T[:, -1])
             n_stiff = torch.where(seen & stiff, s.watch[:, 1] + 1, s.watch[:, 1])
