@@ -33,6 +33,13 @@ def _alone(f, y0_row, t_row, tol=1e-9, **kw):
     return odeint(lambda t, y: f(t.expand(1), y[None])[0], y0_row, t_row, rtol=tol, atol=tol, **kw)
 
 
+def _loss_grads(f, y0, t, grad, options, tol, method="dopri5"):
+    """Gradients of sum(ys^2) + sum(ys[-1, :, 0]) with respect to y0 and f's parameters."""
+    y = y0.clone().requires_grad_(True)
+    ys = odeint(f, y, t, rtol=tol, atol=tol, method=method, options=options, grad=grad)
+    return torch.autograd.grad((ys ** 2).sum() + ys[-1, :, 0].sum(), (y, *f.parameters()))
+
+
 def van_der_pol(t, s):
     """Van der Pol with mu carried as a third state column (zero derivative), so rows can be dropped."""
     x, v, mu = s.unbind(-1)
@@ -80,14 +87,8 @@ def test_gradients_equal_per_sample_direct_backprop(grad):
     y0 = torch.randn(5, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
     t = torch.linspace(0, 2, 6, dtype=F64)
 
-    def grads(mode, options):
-        y = y0.clone().requires_grad_(True)
-        ys = odeint(f, y, t, rtol=1e-9, atol=1e-9, options=options, grad=mode)
-        loss = (ys ** 2).sum() + ys[-1, :, 0].sum()
-        return torch.autograd.grad(loss, (y, *f.parameters()))
-
-    direct = grads("direct", PS)
-    other = grads(grad, dict(PS, compact=True))
+    direct = _loss_grads(f, y0, t, "direct", PS, tol=1e-9)
+    other = _loss_grads(f, y0, t, grad, dict(PS, compact=True), tol=1e-9)
     tol = 1e-6 if grad == "adjoint" else 1e-12  # the adjoint's backward solve has its own error
     for a, b in zip(other, direct):
         assert ((a - b).abs().max() / b.abs().max()) < tol
@@ -194,13 +195,8 @@ def test_stiff_per_sample_gradients_equal_direct_and_each_sample_alone(grad):
     y0 = torch.randn(2, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
     t = torch.linspace(0, 0.5, 3, dtype=F64)
 
-    def grads(mode, options):
-        y = y0.clone().requires_grad_(True)
-        ys = odeint(f, y, t, rtol=1e-8, atol=1e-8, method="kvaerno5", options=options, grad=mode)
-        return torch.autograd.grad((ys ** 2).sum() + ys[-1, :, 0].sum(), (y, *f.parameters()))
-
-    direct = grads("direct", PS)
-    other = grads(grad, dict(PS, compact=True))
+    direct = _loss_grads(f, y0, t, "direct", PS, tol=1e-8, method="kvaerno5")
+    other = _loss_grads(f, y0, t, grad, dict(PS, compact=True), tol=1e-8, method="kvaerno5")
     for a, b in zip(other, direct):  # to tolerance: direct mode's stages carry one more Newton correction
         assert ((a - b).abs().max() / b.abs().max()) < 1e-6
     y1 = y0[1].clone().requires_grad_(True)
