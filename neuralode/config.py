@@ -35,6 +35,8 @@ REGULARIZERS = ("rnode", "steer", "error")
 # Adaptive explicit Runge-Kutta methods: the ones with an embedded error estimate per accepted step.
 ERROR_METHODS = ("dopri5", "tsit5", "bosh3", "dopri8", "fehlberg2", "adaptive_heun")
 ADAPTIVE_METHODS = ERROR_METHODS + ("kvaerno3", "kvaerno5", "auto")
+# ... and those with two stages at t + h, which give the stiffness estimate (regularizer.error.stiffness).
+STIFFNESS_METHODS = ("dopri5", "tsit5", "dopri8")
 # tol=auto (docs/regularizers.md): training starts at this rtol and moves by decades after each epoch.
 AUTO_TOL_START = 1e-1
 AUTO_TOL_RANGE = (1e-7, 0.5)
@@ -222,9 +224,11 @@ class SteerConf:
 
 @dataclass
 class ErrorRegConf:
-    """Error regulariser (Pal et al. 2021): weight of the summed accepted-step local error estimates."""
+    """Error regulariser (Pal et al. 2021): weights of the summed accepted-step local error estimates
+    and stiffness estimates ``|h|·|λ|`` (0 turns a term off)."""
 
     weight: float = 0.01
+    stiffness: float = 0.0
 
 
 @dataclass
@@ -417,12 +421,10 @@ def regularizer_problems(cfg) -> list:
     problems = []
     chosen = chosen_regularizers(cfg)
     rnode, steer, error = reg.get("rnode"), reg.get("steer"), reg.get("error")
-    if error is not None and not error.weight >= 0:
-        problems.append(f"regularizer.error.weight={error.weight} must be >= 0 (0 turns the term off)")
-    if rnode is not None:
-        for key in ("kinetic", "jacobian"):
-            if not rnode[key] >= 0:
-                problems.append(f"regularizer.rnode.{key}={rnode[key]} must be >= 0 (0 turns the term off)")
+    for name, entry, keys in (("error", error, ("weight", "stiffness")), ("rnode", rnode, ("kinetic", "jacobian"))):
+        for key in keys if entry is not None else ():
+            if not entry[key] >= 0:
+                problems.append(f"regularizer.{name}.{key}={entry[key]} must be >= 0 (0 turns the term off)")
     if not chosen:
         return problems
     solves = m.name == "cnf" or m.get("kind") == "latent_ode" or m.name in ("odenet", "rknet")
@@ -447,6 +449,10 @@ def regularizer_problems(cfg) -> list:
             problems.append(f"regularizer=error needs an adaptive explicit method with an error estimate "
                             f"({', '.join(ERROR_METHODS)}) without solver.step_size, not solver={s.method}"
                             + (f" with step_size={s.step_size}" if s.step_size is not None else ""))
+        elif error.stiffness > 0 and s.method not in STIFFNESS_METHODS:
+            problems.append(f"regularizer.error.stiffness needs a method with two stages at t + h for the "
+                            f"stiffness estimate ({', '.join(STIFFNESS_METHODS)}), not solver={s.method}; "
+                            f"set regularizer.error.stiffness=0 or solver=dopri5")
         if m.get("time_grid") == "per_sample":
             problems.append("regularizer=error does not support model.time_grid=per_sample; use model.time_grid=union")
     if steer is not None:

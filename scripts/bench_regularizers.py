@@ -7,8 +7,8 @@ Rows (``--rows``, default all):
   comparison). Reports the last epoch's mean forward NFE per iteration and test accuracy.
 - ``latent``: ``experiment=spirals_latent_ode_30`` (ODE-RNN encoder, so STEER has solves to act
   on); forward NFE and extrapolation RMSE.
-- ``cnf``: ``experiment=cnf_checkerboard``; RNODE (the preset's weights, 0.05) vs error vs STEER vs
-  combinations; NLL and NFE.
+- ``cnf``: ``experiment=cnf_checkerboard``; RNODE (the preset's weights, 0.05) vs error (and error
+  with the stiffness term) vs STEER vs combinations; NLL and NFE.
 - ``auto``: ODE-Net with ``tol=auto`` against a manual sweep of ``tol`` (1e-1 .. 1e-4) with
   ``eval.validity=true``: the loosest tolerance whose validity gap stays below the threshold.
 
@@ -44,7 +44,8 @@ ROWS = {
                         "error": ["regularizer=error"]}),
     "cnf": (CNF, {"none": [], "rnode": ["regularizer=rnode", *RNODE_CNF], "error": ["regularizer=error"],
                   "steer": ["regularizer=steer"], "rnode+steer": ["regularizer=[rnode,steer]", *RNODE_CNF],
-                  "rnode+error": ["regularizer=[rnode,error]", *RNODE_CNF]}),
+                  "rnode+error": ["regularizer=[rnode,error]", *RNODE_CNF],
+                  "error+stiffness": ["regularizer=error", "regularizer.error.stiffness=0.05"]}),
 }
 QUICK = ["trainer.limit_batches=5", "trainer.limit_eval_batches=1", "trainer.epochs=2", "trainer.max_minutes=null"]
 
@@ -57,7 +58,12 @@ def budget(args) -> list[str]:
     return out + ([f"trainer.epochs={args.epochs}", "trainer.max_minutes=null"] if args.epochs else [])
 
 
-def run_job(overrides: list[str], run_dir: Path, seed: int) -> dict:
+def run_job(overrides: list[str], run_dir: Path, seed: int, reuse: bool = False) -> dict:
+    """One training job through the CLI; with ``reuse``, a job that already finished is read back."""
+    done = run_dir / "metrics.json"
+    if reuse and done.exists() and json.loads(done.read_text()).get("status") == "completed":
+        print(f"reusing {run_dir}", flush=True)
+        return json.loads(done.read_text())
     cmd = [sys.executable, "-m", "neuralode.train", *overrides, f"hydra.run.dir={run_dir}", f"seed={seed}",
            "trainer.progress=false"]
     print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[3:])}", flush=True)
@@ -76,19 +82,20 @@ def regulariser_row(name: str, args, out: Path) -> list[dict]:
     for label, overrides in variants.items():
         if args.only and label not in args.only:
             continue
-        jobs = [run_job([*base, *extra, *overrides, *budget(args)], out / name / f"{label}-{s}", s)
+        jobs = [run_job([*base, *extra, *overrides, *budget(args)], out / name / f"{label}-{s}", s, args.reuse)
                 for s in range(args.seeds)]
         results.append({"regularizer": label, "primary": jobs[0]["primary_metric"],
                         "metric": mean([j["test_primary"] for j in jobs]),
                         "nfe_forward": mean([j["nfe_forward"] for j in jobs]),
                         "nfe_backward": mean([j["nfe_backward"] for j in jobs]),
-                        "s_per_iter": mean([j["time_per_iter"] for j in jobs])})
+                        "s_per_iter": mean([j["time_per_iter"] for j in jobs]),
+                        "metric_sd": statistics.stdev([j["test_primary"] for j in jobs]) if len(jobs) > 1 else 0.0})
     ref = results[0]
     print(f"\n{name} ({args.seeds} seed(s); budget: {' '.join(budget(args)) or 'the recipe'})\n")
-    print(f"| regularizer | test {ref['primary'].removeprefix('test_')} | fwd NFE / iter | NFE vs none | bwd NFE / iter | s / iter |")
+    print(f"| regularizer | test {ref['primary'].removeprefix('test_')} (± sd) | fwd NFE / iter | NFE vs none | bwd NFE / iter | s / iter |")
     print("|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['regularizer']} | {r['metric']:.4f} | {r['nfe_forward']:.1f} | "
+        print(f"| {r['regularizer']} | {r['metric']:.4f} ± {r['metric_sd']:.4f} | {r['nfe_forward']:.1f} | "
               f"{ref['nfe_forward'] / r['nfe_forward']:.2f}x fewer | {r['nfe_backward']:.1f} | {r['s_per_iter']:.3f} |")
     return results
 
@@ -98,12 +105,12 @@ def auto_row(args, out: Path) -> dict:
     base = [o for o in base if not o.startswith("tol=")]
     sweep = {}
     for tol in (1e-1, 1e-2, 1e-3, 1e-4):
-        m = run_job([*base, f"tol={tol:g}"], out / "auto" / f"tol_{tol:g}", 0)  # no "=": Hydra parses the dir
+        m = run_job([*base, f"tol={tol:g}"], out / "auto" / f"tol_{tol:g}", 0, args.reuse)  # no "=": Hydra parses the dir
         sweep[tol] = m.get("validity_gap")
     threshold = 0.01
     valid = [t for t, gap in sweep.items() if gap is not None and gap <= threshold]
     loosest = max(valid) if valid else None
-    auto = run_job([*base, "tol=auto"], out / "auto" / "auto", 0)
+    auto = run_job([*base, "tol=auto"], out / "auto" / "auto", 0, args.reuse)
     print("\nauto\n")
     print("| tol | validity gap |\n|---|---|")
     for t, gap in sweep.items():
@@ -119,6 +126,8 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=[*ROWS, "auto"], choices=[*ROWS, "auto"])
     parser.add_argument("--only", nargs="+", help="run only these variants of the rows (e.g. rnode_1e-4)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per job (3 where noise matters)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="read back jobs that already finished under --out (e.g. to add seeds)")
     parser.add_argument("--quick", action="store_true", help="a few batches per epoch: checks the script only")
     parser.add_argument("--batches", type=int, help="reduced budget: training batches per epoch")
     parser.add_argument("--epochs", type=int, help="reduced budget: epochs")

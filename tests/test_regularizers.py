@@ -108,17 +108,36 @@ def test_error_estimates_are_the_same_and_differentiable_in_direct_and_checkpoin
     y0 = torch.randn(3, 2, dtype=F64)
     out = {}
     for grad in ("direct", "checkpoint"):
-        reg = Regularization(error=1.0)
+        reg = Regularization(error=1.0, stiffness=0.5)
         s = RegularizedSettings(method="dopri5", rtol=1e-4, atol=1e-4, grad=grad, regularization=reg)
         with reg.collect():
             y = s.odeint(Field(), y0, torch.tensor([0.0, 2.0], dtype=F64))
         penalty = reg.penalty()
-        out[grad] = (float(penalty), torch.autograd.grad(penalty + y[-1].sum(), lin.weight)[0])
-        assert reg.logs()["error_sum"] == pytest.approx(float(penalty)) and float(penalty) > 0
+        out[grad] = (penalty.item(), torch.autograd.grad(penalty + y[-1].sum(), lin.weight)[0])
+        logs = reg.logs()
+        assert logs["error"] + logs["stiffness"] == pytest.approx(float(penalty)) and logs["stiffness_sum"] > 0
     assert out["direct"][0] == pytest.approx(out["checkpoint"][0], rel=1e-12)
     assert torch.allclose(out["direct"][1], out["checkpoint"][1], rtol=1e-9)
     with pytest.raises(ValueError, match="grad='direct' or grad='checkpoint'"):
         SolverSettings(grad="adjoint").odeint(Field(), y0, torch.tensor([0.0, 1.0], dtype=F64), error_estimates=[])
+
+
+@pytest.mark.parametrize("grad", ["direct", "checkpoint"])
+def test_stiffness_estimates_of_a_linear_field_sum_to_lambda_times_T(grad):
+    """dy/dt = λ y: f(y1) - f(y_j) = λ (y1 - y_j), so each step's estimate is exactly |h| |λ|, their sum
+    |λ| T whatever the steps, and its derivative in λ (steps held fixed) is -T for λ < 0."""
+    lam = nn.Parameter(torch.tensor(-3.0, dtype=F64))
+    T = 2.0
+    reg = Regularization(stiffness=1.0)
+    s = RegularizedSettings(method="tsit5", rtol=1e-6, atol=1e-6, grad=grad, regularization=reg)
+    with reg.collect():
+        s.odeint(lambda t, y: lam * y, torch.ones(4, 3, dtype=F64), torch.tensor([0.0, T], dtype=F64),
+                 adjoint_params=(lam,))
+    penalty = reg.penalty()
+    assert float(penalty) == pytest.approx(3.0 * T, rel=1e-10)
+    assert reg.logs()["stiffness_sum"] == pytest.approx(3.0 * T, rel=1e-10) and "error" not in reg.logs()
+    (g,) = torch.autograd.grad(penalty, lam)
+    assert float(g) == pytest.approx(-T, rel=1e-10)
 
 
 # -- STEER ---------------------------------------------------------------------------------------
@@ -226,6 +245,9 @@ def test_nfe_budget_stops_naming_the_remedies(fake_mnist, tmp_path):
     (["regularizer=error"], "use solver.grad=checkpoint (bounded memory) or solver.grad=direct"),  # odenet: adjoint
     (["regularizer=error", "solver.grad=direct", "solver=rk4"], "needs an adaptive explicit method"),
     (["regularizer=error", "regularizer.error.weight=-1"], "regularizer.error.weight=-1.0 must be >= 0"),
+    (["regularizer=error", "regularizer.error.stiffness=-1"], "regularizer.error.stiffness=-1.0 must be >= 0"),
+    (["regularizer=error", "solver.grad=direct", "solver=bosh3", "regularizer.error.stiffness=0.1"],
+     "set regularizer.error.stiffness=0 or solver=dopri5"),
     (["trainer.nfe_guard=halt"], "trainer.nfe_guard='halt' is not one of warn, stop"),
     (["trainer.max_nfe_per_iter=0"], "trainer.max_nfe_per_iter=0 must be > 0"),
 ])

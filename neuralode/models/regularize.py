@@ -7,11 +7,12 @@
 - **STEER** (Ghosh et al. 2020): a solve from ``t0`` to a single end time ``t1`` (ODE blocks, CNF
   blocks, the ODE-RNN encoder's gaps) ends instead at ``t1 ± U(-b, b)`` during training; solves
   on an output grid (a latent ODE's observation times) keep their times.
-- **Error** (Pal et al. 2021): the sum over accepted steps of the solver's scaled local error
-  estimate (the step-size controller's ratio), differentiated through the stages with the steps
-  held fixed; the solver hands them over through a list passed explicitly to each solve
-  (``SolverSettings.odeint(..., error_estimates=[])``). Direct and checkpoint gradient modes,
-  adaptive explicit methods.
+- **Error and stiffness** (Pal et al. 2021): the sums over accepted steps of the solver's scaled
+  local error estimate (the step-size controller's ratio) and of its stiffness estimate ``|h|·|λ|``
+  (Hairer's, from the two stages at ``t + h`` of dopri5, tsit5, ...), differentiated through the
+  stages with the steps held fixed; the solver hands them over through a list passed explicitly to
+  each solve (``SolverSettings.odeint(..., error_estimates=[])``). Direct and checkpoint gradient
+  modes, adaptive explicit methods.
 
 Nothing changes outside :meth:`Regularization.collect`: evaluation, figures and the test-time
 tolerance sweep solve exactly as without a regulariser (STEER evaluates at ``T``).
@@ -84,14 +85,16 @@ class Regularization:
     """The run's regularisers and what one training iteration's solves contributed to them.
 
     ``kinetic``/``jacobian``: RNODE weights (0: off); ``steer_b``: STEER half-width (0: off);
-    ``error``: weight of the summed local error estimates (0: off)."""
+    ``error``/``stiffness``: weights of the summed local error and stiffness estimates (0: off)."""
 
-    def __init__(self, kinetic: float = 0.0, jacobian: float = 0.0, steer_b: float = 0.0, error: float = 0.0):
-        for name, v in (("kinetic", kinetic), ("jacobian", jacobian), ("steer_b", steer_b), ("error", error)):
+    def __init__(self, kinetic: float = 0.0, jacobian: float = 0.0, steer_b: float = 0.0, error: float = 0.0,
+                 stiffness: float = 0.0):
+        for name, v in (("kinetic", kinetic), ("jacobian", jacobian), ("steer_b", steer_b), ("error", error),
+                        ("stiffness", stiffness)):
             if not v >= 0:
                 raise ValueError(f"Regularization({name}={v}) must be >= 0")
         self.kinetic_weight, self.jacobian_weight, self.steer_b = float(kinetic), float(jacobian), float(steer_b)
-        self.error_weight = float(error)
+        self.error_weight, self.stiffness_weight = float(error), float(stiffness)
         self.active = False
         self._reset()
 
@@ -101,13 +104,18 @@ class Regularization:
 
     @property
     def enabled(self) -> bool:
-        return self.rnode or self.steer_b > 0 or self.error_weight > 0
+        return self.rnode or self.steer_b > 0 or self.estimates
+
+    @property
+    def estimates(self) -> bool:
+        """Whether the solves hand over their steps' error and stiffness estimates."""
+        return self.error_weight > 0 or self.stiffness_weight > 0
 
     def _reset(self) -> None:
         self.kinetic: list[torch.Tensor] = []  # per solve: mean over the batch of ∫‖f‖²
         self.jacobian: list[torch.Tensor] = []
         self.end_times: list[float] = []  # per STEER'd solve: the sampled duration
-        self.errors: list[torch.Tensor] = []  # per solve: the sum of its accepted steps' error terms
+        self.errors: list[torch.Tensor] = []  # per solve: the sum of its accepted steps' [error, stiffness]
 
     @contextlib.contextmanager
     def collect(self) -> Iterator["Regularization"]:
@@ -126,8 +134,9 @@ class Regularization:
             out = out + self.kinetic_weight * torch.stack(self.kinetic).sum()
         if self.jacobian_weight > 0 and self.jacobian:
             out = out + self.jacobian_weight * torch.stack(self.jacobian).sum()
-        if self.error_weight > 0 and self.errors:
-            out = out + self.error_weight * torch.stack(self.errors).sum()
+        if self.estimates and self.errors:
+            error, stiffness = torch.stack(self.errors).sum(0)
+            out = out + self.error_weight * error + self.stiffness_weight * stiffness
         return out
 
     def logs(self) -> dict[str, float]:
@@ -140,19 +149,22 @@ class Regularization:
                         "rnode_jacobian": j})
         if self.end_times:
             out["steer"] = sum(self.end_times) / len(self.end_times)
-        if self.error_weight > 0 and self.errors:
-            e = float(torch.stack(self.errors).detach().sum())
-            out.update({"error": self.error_weight * e, "error_sum": e})
+        if self.estimates and self.errors:
+            e, s = torch.stack(self.errors).detach().sum(0).tolist()
+            if self.error_weight > 0:
+                out.update({"error": self.error_weight * e, "error_sum": e})
+            if self.stiffness_weight > 0:
+                out.update({"stiffness": self.stiffness_weight * s, "stiffness_sum": s})
         return out
 
     # -- one solve ---------------------------------------------------------------------------------
     def solve(self, settings: SolverSettings, func: Callable, y0: Any, t: torch.Tensor, adjoint_params=None):
         if self.steer_b > 0 and t.ndim == 1 and t.numel() == 2:
             t = self._steer(t)
-        sink = [] if self.error_weight > 0 else None
+        sink = [] if self.estimates else None
         out = self._solve(settings, func, y0, t, adjoint_params, sink)
         if sink is not None:
-            self.errors.append(torch.stack(sink).sum() if sink else t.new_zeros(()))
+            self.errors.append(torch.stack(sink).sum(0) if sink else t.new_zeros(2))
         return out
 
     def _solve(self, settings: SolverSettings, func: Callable, y0: Any, t: torch.Tensor, adjoint_params, sink):

@@ -26,9 +26,9 @@ class CheckpointedSolve(torch.autograd.Function):
         errors = run.setup.prob.errors
         if errors is None:
             return ys
-        # the error regulariser's sum of the accepted steps' error terms, a second output whose
-        # gradient the backward replay adds (the terms are rebuilt with their graph there)
-        return ys, torch.stack(errors).sum() if errors else ys.new_zeros(())
+        # the error regulariser's sum of the accepted steps' [error, stiffness] terms, a second output
+        # whose gradient the backward replay adds (the terms are rebuilt with their graph there)
+        return ys, torch.stack(errors).sum(0) if errors else ys.new_zeros(2)
 
     @staticmethod
     def backward(ctx, grad_ys: torch.Tensor, *grad_rest):
@@ -59,7 +59,7 @@ class CheckpointedSolve(torch.autograd.Function):
                 outs = replay(prob, y, steps[s:end], [ts[i] for i in idx], errors=errs)
                 weights = [grad_ys[i] for i in idx] + [a]
                 if errs:
-                    outs, weights = outs + [torch.stack(errs).sum()], weights + [grad_err]
+                    outs, weights = outs + [torch.stack(errs).sum(0)], weights + [grad_err]
             grads = torch.autograd.grad(outs, (y, *params), weights, allow_unused=True)
             a = grads[0]
             g = [acc if d is None else acc + d for acc, d in zip(g, grads[1:])]

@@ -52,8 +52,8 @@ class Problem:
     callbacks: Optional[Callbacks] = None
     time_dtype: torch.dtype = torch.float64  # what func sees: one-sided evaluations step by its resolution
     # This solve's sink for local error estimates: when a list, every accepted step of an adaptive
-    # explicit method appends its scaled error norm, a tensor differentiable through the stages
-    # (``SolverSettings.odeint(..., error_estimates=[])``; the error regulariser sums them).
+    # explicit method appends its ``[scaled error norm, stiffness estimate]``, differentiable through
+    # the stages (``SolverSettings.odeint(..., error_estimates=[])``; the error regulariser sums them).
     errors: Optional[list] = None
 
     def nudge(self, t: float, direction: float) -> float:

@@ -316,8 +316,9 @@ def solve_ivp(settings: SolverSettings, func: Callable, y0: State, t: torch.Tens
               event_fn: Optional[Callable] = None, adjoint_params=None, error_estimates: Optional[list] = None):
     """One solve with ``settings``: returns the states at ``t`` (leading time axis, ``y0``'s
     structure), or ``(event_t, states at [t0, event_t])`` with ``event_fn``. ``error_estimates``:
-    a list that receives this solve's accepted-step error terms (see :func:`check_error_estimates`;
-    direct mode appends one tensor per step, checkpoint mode their sum), differentiable."""
+    a list that receives this solve's accepted-step ``[error, stiffness]`` terms (see
+    :meth:`ExplicitStepper.error_term` and :func:`check_error_estimates`; direct mode appends one
+    2-vector per step, checkpoint mode their sum), differentiable."""
     if error_estimates is not None:
         check_error_estimates(settings)
     if settings.parsed.per_sample:

@@ -187,10 +187,20 @@ class ExplicitStepper:
         return errs
 
     def error_term(self, step: Step, abs_y: torch.Tensor, abs_y1: torch.Tensor) -> torch.Tensor:
-        """The step's scaled error norm (the controller's ratio) as a tensor differentiable through the
-        stages; the scale ``atol + rtol * max(|y0|, |y1|)`` is held constant. For the error regulariser."""
+        """``[error, stiffness]`` of an accepted step, differentiable through the stages, for the error
+        regulariser: the scaled error norm (the controller's ratio; the scale ``atol + rtol * max(|y0|,
+        |y1|)`` held constant) and Hairer's stiffness estimate ``|h| ‖f(y1) − f(y_j)‖ / ‖y1 − y_j‖``
+        from the two stages at ``t + h`` (0 for a tableau without such a pair)."""
         e = combine(None, step.h, self.tab.e, step.ks)
-        return self.norm(e / self.tol.scale(abs_y.detach(), abs_y1.detach()))
+        error = self.norm(e / self.tol.scale(abs_y.detach(), abs_y1.detach()))
+        j = self.method.stiff_stage
+        if j is None:
+            return torch.stack([error, torch.zeros_like(error)])
+        y_j = step.aux if step.aux is not None else combine(step.y, step.h, self.tab.a[j - 1], step.ks[:j])
+        num = torch.linalg.vector_norm(step.ks[-1] - step.ks[j])
+        den = torch.linalg.vector_norm(step.y1 - y_j)
+        stiffness = abs(step.h) * num / den.clamp_min(torch.finfo(den.dtype).tiny)
+        return torch.stack([error, stiffness.to(error.dtype)])
 
     def error(self, step: Step, abs_y: torch.Tensor) -> Tuple[float, torch.Tensor]:
         """The error norm (<= 1 accepts) and |y1|, reused as the next step's |y0|: one host read,

@@ -365,7 +365,7 @@ class SolverSettings:
     def odeint(self, func: Callable, y0, t: torch.Tensor, *, event_fn: Optional[Callable] = None,
                adjoint_params=None, error_estimates: Optional[list] = None):
         """Solve dy/dt = func(t, y) with these settings (see :func:`neuralode.odeint`). A list passed
-        as ``error_estimates`` receives the solve's accepted-step error terms, differentiable
+        as ``error_estimates`` receives the solve's accepted-step ``[error, stiffness]`` terms, differentiable
         (direct and checkpoint modes, adaptive explicit methods; :func:`neuralode.solvers.odeint.solve_ivp`)."""
         from .odeint import solve_ivp
 

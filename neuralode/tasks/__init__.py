@@ -107,7 +107,8 @@ def regularization(cfg: Any):
     if rnode is not None and cfg.model.name != "cnf":
         kinetic, jacobian = float(rnode.kinetic), float(rnode.jacobian)
     out = Regularization(kinetic, jacobian, float(steer.b) if steer is not None else 0.0,
-                         float(error.weight) if error is not None else 0.0)
+                         float(error.weight) if error is not None else 0.0,
+                         float(error.stiffness) if error is not None else 0.0)
     return out if out.enabled else None
 
 
