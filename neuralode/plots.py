@@ -12,6 +12,7 @@ pixel data (2-D histograms, a density on a grid), so they stay tensor code and n
 from __future__ import annotations
 
 import logging
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -155,9 +156,12 @@ def pareto(jobs: Sequence[Job], seconds_label: str = "training wall time (s)") -
         have = [j for j in jobs if getattr(j, key) is not None]
         for color, group, js in _groups(have):
             ax.scatter([getattr(j, key) for j in js], [j.metric for j in js], color=color, label=group, zorder=3)
-        for j in have:
-            ax.annotate(j.label, (getattr(j, key), j.metric), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7, alpha=0.8)
+        xs = [getattr(j, key) for j in have]
+        mid = (min(xs) + max(xs)) / 2 if xs else 0.0
+        for j in have:  # labels wrapped, and pointing inwards so they stay on their panel
+            right = getattr(j, key) > mid
+            ax.annotate(textwrap.fill(j.label, 36), (getattr(j, key), j.metric), textcoords="offset points",
+                        xytext=(-4 if right else 4, 4), ha="right" if right else "left", fontsize=7, alpha=0.8)
         for i, name in enumerate(sorted({j.metric_name for j in have})):
             js = [j for j in have if j.metric_name == name]
             front = [js[k] for k in pareto_front([getattr(j, key) for j in js], [j.metric for j in js], js[0].mode)]
