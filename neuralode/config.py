@@ -185,6 +185,7 @@ class TrainerConf:
     limit_batches: Optional[int] = None  # train batches per epoch (tiny budgets)
     limit_eval_batches: Optional[int] = None
     max_minutes: Optional[float] = None  # stop after the epoch during which this wall-clock budget runs out
+    eval_every: int = 1  # evaluate the test set (and draw figures) after every N-th epoch and after the last
     num_workers: int = 0
     progress: bool = True  # tqdm bar; never shown when stdout is not a terminal
     progress_every: float = 30.0  # stdout not a terminal: a progress line every this many seconds (0: none)
@@ -319,6 +320,7 @@ def validate(cfg) -> None:
     positive("trainer.limit_batches", t.limit_batches)
     positive("trainer.limit_eval_batches", t.limit_eval_batches)
     positive("trainer.max_minutes", t.get("max_minutes"))
+    positive("trainer.eval_every", t.get("eval_every"))
     non_negative("trainer.epochs", t.epochs)
     non_negative("trainer.num_workers", t.num_workers)
     non_negative("trainer.progress_every", t.progress_every)

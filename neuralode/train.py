@@ -376,35 +376,43 @@ def train_epoch(job: Job) -> Epoch:
 
 
 def end_of_epoch(job: Job, epoch: Epoch) -> bool:
-    """Test metrics, logs, checkpoint; False when the wall-clock budget says stop."""
+    """Test metrics (after every ``trainer.eval_every``-th epoch and the last), logs, checkpoint;
+    False when the wall-clock budget says stop."""
     dist, run, t = job.dist, job.run, job.cfg.trainer
     job.phase = f"evaluation after epoch {job.epoch + 1}"
     sums, seen = epoch.sums, epoch.seen
     lr = job.optimizer.param_groups[0]["lr"]
     job.scheduler.step()
-    test = evaluate(job, t.limit_eval_batches)
+    elapsed = dist.gather(time.perf_counter() - job.train_start)[0] if t.get("max_minutes") else 0.0
+    out_of_time = bool(t.get("max_minutes")) and elapsed > 60 * t.max_minutes
+    every = t.get("eval_every", 1)
+    test = evaluate(job, t.limit_eval_batches) if out_of_time or (job.epoch + 1) % every == 0 \
+        or job.epoch + 1 >= t.epochs else None
     means = {k: v / max(seen, 1) for k, v in sums.items()}
     run.scalars({**{f"train/{k}_epoch": v for k, v in means.items() if k not in ("nfe_f", "nfe_b")},
                  "nfe/forward_epoch": means["nfe_f"], "nfe/backward_epoch": means["nfe_b"],
-                 **{f"test/{k}": v for k, v in test.items()}, "time/epoch": epoch.seconds, "lr": lr}, job.step)
-    run.figures(job.task, job.step)
+                 **{f"test/{k}": v for k, v in (test or {}).items()}, "time/epoch": epoch.seconds, "lr": lr}, job.step)
     job.nfe_base = job.nfe_base or (means["nfe_f"] + means["nfe_b"]) or None
     if job.nfe_base:
         run.scalars({"nfe/growth": (means["nfe_f"] + means["nfe_b"]) / job.nfe_base}, job.step)
-    job.history = {**{f"test_{k}": v for k, v in test.items() if k != "nfe_forward"},
-                   "nfe_forward": means["nfe_f"], "nfe_backward": means["nfe_b"],
-                   "time_per_iter": epoch.seconds / max(seen, 1), "mem_peak_mb": epoch.mem_peak / 2**20,
-                   **validity_check(job, test),
-                   **auto_tol(job, test)}
+    job.history = {**job.history, "nfe_forward": means["nfe_f"], "nfe_backward": means["nfe_b"],
+                   "time_per_iter": epoch.seconds / max(seen, 1), "mem_peak_mb": epoch.mem_peak / 2**20}
     named = lambda d, skip: " ".join(f"{k} {v:.4f}" for k, v in d.items() if k not in skip)  # noqa: E731
-    log.info("epoch %d/%d: train loss %.4f %s | test loss %.4f %s | nfe fwd %.1f bwd %.1f | %.2f s/iter",
-             job.epoch + 1, t.epochs, means["loss"], named(means, ("loss", "nfe_f", "nfe_b")), test["loss"],
-             named(test, ("loss", "nfe_forward")), means["nfe_f"], means["nfe_b"], job.history["time_per_iter"])
+    if test is not None:  # an epoch without evaluation keeps the last evaluated test metrics
+        run.figures(job.task, job.step)
+        job.history.update({f"test_{k}": v for k, v in test.items() if k != "nfe_forward"})
+        job.history.update({**validity_check(job, test), **auto_tol(job, test)})
+        tested = f"test loss {test['loss']:.4f} {named(test, ('loss', 'nfe_forward'))}"
+    else:
+        tested = f"test: next after epoch {min(t.epochs, (job.epoch // every + 1) * every)}"
+    log.info("epoch %d/%d: train loss %.4f %s | %s | nfe fwd %.1f bwd %.1f | %.2f s/iter", job.epoch + 1, t.epochs,
+             means["loss"], named(means, ("loss", "nfe_f", "nfe_b")), tested, means["nfe_f"], means["nfe_b"],
+             job.history["time_per_iter"])
     job.epoch, job.start_batch = job.epoch + 1, 0
     checkpoint(job, job.epoch, 0)
     run.flush()
     check_stop(job)
-    if t.get("max_minutes") and dist.gather(time.perf_counter() - job.train_start)[0] > 60 * t.max_minutes:
+    if out_of_time:
         log.info("trainer.max_minutes=%g reached after epoch %d; stopping", t.max_minutes, job.epoch)
         return False
     return True

@@ -187,6 +187,7 @@ BAD_VALUES = [
     ("optim.momentum=-0.5", "optim.momentum=-0.5 must be >= 0"),
     ("optim.weight_decay=-1", "optim.weight_decay=-1.0 must be >= 0"),
     ("trainer.num_workers=-1", "trainer.num_workers=-1 must be >= 0"),
+    ("trainer.eval_every=0", "trainer.eval_every=0 must be > 0"),
     ("model.width=0", "model.width=0 must be > 0"),
     ("dataset=spirals", "model=odenet classifies images: use dataset=mnist or dataset=cifar10"),
     ("solver.grad=sideways", "solver.grad='sideways' is not one of direct, adjoint, checkpoint"),

@@ -47,6 +47,19 @@ def test_training_logs_tags_and_checkpoints(model, fake_mnist, tmp_path, caplog)
     assert "epoch 1/1" in caplog.text
 
 
+def test_eval_every_evaluates_every_nth_epoch_and_the_last(fake_mnist, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="neuralode")
+    out = tmp_path / "run"
+    tiny = [o for o in TINY if not o.startswith("trainer.epochs")]
+    assert train_here("model=resnet", f"data_dir={fake_mnist}", *tiny, "trainer.epochs=3", "trainer.eval_every=2",
+                      run_dir=out) == 0
+    logged = scalars(out)
+    assert [s for s, _ in logged["train/loss_epoch"]] == [2, 4, 6]
+    assert [s for s, _ in logged["test/loss"]] == [4, 6]  # epochs 2 and 3 (the last)
+    assert "test: next after epoch 2" in caplog.text
+    assert json.loads((out / "metrics.json").read_text())["test_loss"] == logged["test/loss"][-1][1]
+
+
 @pytest.mark.parametrize("override, message, code", [
     ("model=foo", "Could not find 'model/foo'", 1),  # Hydra's own composition error
     ("rtol=-1", "rtol=-1.0 must be > 0", 2),
