@@ -51,11 +51,13 @@ QUICK = ["trainer.limit_batches=5", "trainer.limit_eval_batches=1", "trainer.epo
 
 
 def budget(args) -> list[str]:
-    """The command-line budget: --quick, or --batches/--epochs (reduced budgets), else the recipe's."""
+    """The command-line budget: --quick, or --batches/--epochs (reduced budgets: a fixed number of
+    iterations whatever the machine's load, the test set once at the end), else the recipe's."""
     if args.quick:
         return QUICK
     out = [f"trainer.limit_batches={args.batches}"] if args.batches else []
-    return out + ([f"trainer.epochs={args.epochs}", "trainer.max_minutes=null"] if args.epochs else [])
+    return out + ([f"trainer.epochs={args.epochs}", "trainer.max_minutes=null", f"trainer.eval_every={args.epochs}"]
+                  if args.epochs else [])
 
 
 def run_job(overrides: list[str], run_dir: Path, seed: int, reuse: bool = False) -> dict:
