@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from conftest import TINY, compose, events_dir, scalars, train_here
-from neuralode.config import ConfigError, validate
+from neuralode.config import ERROR_METHODS, STIFFNESS_METHODS, ConfigError, validate
 from neuralode.models import ODEBlock
 from neuralode.models.regularize import Regularization, RegularizedSettings, install
 from neuralode.solvers import SolverSettings
@@ -115,11 +115,28 @@ def test_error_estimates_are_the_same_and_differentiable_in_direct_and_checkpoin
         penalty = reg.penalty()
         out[grad] = (penalty.item(), torch.autograd.grad(penalty + y[-1].sum(), lin.weight)[0])
         logs = reg.logs()
-        assert logs["error"] + logs["stiffness"] == pytest.approx(float(penalty)) and logs["stiffness_sum"] > 0
+        assert logs["error"] + logs["stiffness"] == pytest.approx(penalty.item()) and logs["stiffness_sum"] > 0
     assert out["direct"][0] == pytest.approx(out["checkpoint"][0], rel=1e-12)
     assert torch.allclose(out["direct"][1], out["checkpoint"][1], rtol=1e-9)
     with pytest.raises(ValueError, match="grad='direct' or grad='checkpoint'"):
         SolverSettings(grad="adjoint").odeint(Field(), y0, torch.tensor([0.0, 1.0], dtype=F64), error_estimates=[])
+
+
+@pytest.mark.parametrize("method", ERROR_METHODS)
+def test_error_term_is_the_controllers_ratio_and_stiffness_estimate(method):
+    """What the regulariser differentiates is what the step-size controller decided on (DOP853's
+    blend of two estimates included) and what method="auto" watches."""
+    from neuralode.solvers.odeint import Setup, check_t
+
+    y0 = torch.tensor([[1.0, -0.5], [0.3, 2.0]], dtype=F64)
+    setup = Setup(SolverSettings(method=method, rtol=1e-3, atol=1e-3),
+                  lambda t, y: torch.stack([y[:, 1], -3 * torch.sin(y[:, 0])], 1), y0, check_t(torch.tensor([0.0, 1.0])))
+    stepper = setup.prob.method.start(setup.prob)
+    step = stepper.step(setup.prob.func, 0.0, 0.3, setup.y0, setup.prob.func(0.0, setup.y0))
+    ratio, abs_y1 = stepper.error(step, setup.y0.abs())
+    error, stiffness = stepper.error_term(step, setup.y0.abs(), abs_y1).tolist()
+    assert error == pytest.approx(ratio, rel=1e-12)
+    assert stiffness == (pytest.approx(stepper.hl, rel=1e-12) if method in STIFFNESS_METHODS else 0.0)
 
 
 @pytest.mark.parametrize("grad", ["direct", "checkpoint"])

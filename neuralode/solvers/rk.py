@@ -179,7 +179,8 @@ class ExplicitStepper:
         return prev, yi, ks
 
     def error_vectors(self, step: Step) -> List[torch.Tensor]:
-        """The embedded error estimate(s) h * sum e_i k_i (two for DOP853). Call under no_grad."""
+        """The embedded error estimate(s) h * sum e_i k_i (two for DOP853): new tensors, differentiable
+        through the stages unless called under no_grad."""
         tab = self.tab
         errs = [combine(None, step.h, tab.e, step.ks)]
         if tab.e3 is not None:
@@ -188,11 +189,14 @@ class ExplicitStepper:
 
     def error_term(self, step: Step, abs_y: torch.Tensor, abs_y1: torch.Tensor) -> torch.Tensor:
         """``[error, stiffness]`` of an accepted step, differentiable through the stages, for the error
-        regulariser: the scaled error norm (the controller's ratio; the scale ``atol + rtol * max(|y0|,
-        |y1|)`` held constant) and Hairer's stiffness estimate ``|h| ‖f(y1) − f(y_j)‖ / ‖y1 − y_j‖``
+        regulariser: the controller's error ratio (the scale ``atol + rtol * max(|y0|, |y1|)`` held
+        constant) and Hairer's stiffness estimate ``|h| ‖f(y1) − f(y_j)‖ / ‖y1 − y_j‖``
         from the two stages at ``t + h`` (0 for a tableau without such a pair)."""
-        e = combine(None, step.h, self.tab.e, step.ks)
-        error = self.norm(e / self.tol.scale(abs_y.detach(), abs_y1.detach()))
+        scale = self.tol.scale(abs_y.detach(), abs_y1.detach())
+        error, *e3 = (self.norm(e / scale) for e in self.error_vectors(step))
+        if e3:  # DOP853's blend, as in ``error`` (its gradient kept finite where both estimates vanish)
+            tiny = torch.finfo(error.dtype).tiny
+            error = error * error / (error * error + 0.01 * e3[0] * e3[0]).clamp_min(tiny).sqrt()
         j = self.method.stiff_stage
         if j is None:
             return torch.stack([error, torch.zeros_like(error)])
