@@ -135,8 +135,10 @@ class Regularization:
         if self.jacobian_weight > 0 and self.jacobian:
             out = out + self.jacobian_weight * torch.stack(self.jacobian).sum()
         if self.estimates and self.errors:
-            error, stiffness = torch.stack(self.errors).sum(0)
-            out = out + self.error_weight * error + self.stiffness_weight * stiffness
+            sums = torch.stack(self.errors).sum(0)
+            for weight, term in zip((self.error_weight, self.stiffness_weight), sums):
+                if weight > 0:  # an unused term stays out of the graph
+                    out = out + weight * term
         return out
 
     def logs(self) -> dict[str, float]:
