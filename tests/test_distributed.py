@@ -71,6 +71,7 @@ def test_torchrun_argv_agrees_on_one_run_dir_and_quiets_other_ranks():
 
 # -- torchrun end to end ----------------------------------------------------------------
 @needs_gloo
+@pytest.mark.slow  # the fast suite's torchrun launch is test_ddp_step_equals_single_process_step[adjoint]
 def test_torchrun_two_cpu_processes(fake_mnist, tmp_path):
     out = tmp_path / "run"
     res = torchrun("model=odenet", "solver.grad=adjoint", f"data_dir={fake_mnist}", f"hydra.run.dir={out}",
@@ -124,6 +125,11 @@ def test_ddp_step_equals_single_process_step(grad, fake_mnist, tmp_path):
     assert train_here(*common, run_dir=single) == 0
     res = torchrun(*common, f"hydra.run.dir={ddp}", cwd=tmp_path)
     assert res.returncode == 0, res.stdout
+    # one run directory for both ranks: rank 0 writes the log, the events file and the checkpoint
+    assert "DDP: 2 ranks (gloo), 8 samples per rank per step" in (ddp / "train.log").read_text()
+    assert len(list((ddp / "tb").rglob("events.out.tfevents.*"))) == 1
+    assert [p.name for p in (ddp / "checkpoints").iterdir()] == ["last.pt"]
+    assert json.loads((ddp / "metrics.json").read_text())["grad"] == grad
     a, b = final_params(single), final_params(ddp)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
