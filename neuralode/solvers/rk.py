@@ -197,14 +197,18 @@ class ExplicitStepper:
         if e3:  # DOP853's blend, as in ``error`` (its gradient kept finite where both estimates vanish)
             tiny = torch.finfo(error.dtype).tiny
             error = error * error / (error * error + 0.01 * e3[0] * e3[0]).clamp_min(tiny).sqrt()
-        j = self.method.stiff_stage
-        if j is None:
+        if self.method.stiff_stage is None:
             return torch.stack([error, torch.zeros_like(error)])
-        y_j = step.aux if step.aux is not None else combine(step.y, step.h, self.tab.a[j - 1], step.ks[:j])
-        num = torch.linalg.vector_norm(step.ks[-1] - step.ks[j])
-        den = torch.linalg.vector_norm(step.y1 - y_j)
+        num, den = self.stiffness_norms(step)
         stiffness = abs(step.h) * num / den.clamp_min(torch.finfo(den.dtype).tiny)
         return torch.stack([error, stiffness.to(error.dtype)])
+
+    def stiffness_norms(self, step: Step) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``‖f(y1) − f(y_j)‖`` and ``‖y1 − y_j‖`` for the two stages at ``t + h``: their ratio times
+        ``|h|`` estimates ``|h|·|λ|`` (Hairer). ``y_j`` is the kept stage, or rebuilt from the stages."""
+        j = self.method.stiff_stage
+        y_j = step.aux if step.aux is not None else combine(step.y, step.h, self.tab.a[j - 1], step.ks[:j])
+        return torch.linalg.vector_norm(step.ks[-1] - step.ks[j]), torch.linalg.vector_norm(step.y1 - y_j)
 
     def error(self, step: Step, abs_y: torch.Tensor) -> Tuple[float, torch.Tensor]:
         """The error norm (<= 1 accepts) and |y1|, reused as the next step's |y0|: one host read,
@@ -215,8 +219,7 @@ class ExplicitStepper:
             norms = [self.norm(e.div_(scale)) for e in self.error_vectors(step)]
             check = self.watch and (self.n_stiff > 0 or self.n_checked % CHECK_EVERY == 0)
             if check:
-                norms.append(torch.linalg.vector_norm(step.ks[-1].detach() - step.ks[-2].detach()))
-                norms.append(torch.linalg.vector_norm(step.y1.detach() - step.aux.detach()))
+                norms.extend(self.stiffness_norms(step))
             values = norms[0].item() if len(norms) == 1 else torch.stack(norms).tolist()
         if check:
             num, den = values[-2:]
