@@ -383,8 +383,8 @@ def end_of_epoch(job: Job, epoch: Epoch) -> bool:
     sums, seen = epoch.sums, epoch.seen
     lr = job.optimizer.param_groups[0]["lr"]
     job.scheduler.step()
-    elapsed = dist.gather(time.perf_counter() - job.train_start)[0] if t.get("max_minutes") else 0.0
-    out_of_time = bool(t.get("max_minutes")) and elapsed > 60 * t.max_minutes
+    budget = t.get("max_minutes")
+    out_of_time = bool(budget) and dist.gather(time.perf_counter() - job.train_start)[0] > 60 * budget
     every = t.get("eval_every", 1)
     test = evaluate(job, t.limit_eval_batches) if out_of_time or (job.epoch + 1) % every == 0 \
         or job.epoch + 1 >= t.epochs else None
