@@ -66,9 +66,10 @@ def budget(args, evaluate_once: bool = True) -> list[str]:
 def run_job(overrides: list[str], run_dir: Path, seed: int, reuse: bool = False) -> dict:
     """One training job through the CLI; with ``reuse``, a job that already finished is read back."""
     done = run_dir / "metrics.json"
-    if reuse and done.exists() and json.loads(done.read_text()).get("status") == "completed":
+    finished = json.loads(done.read_text()) if reuse and done.exists() else {}
+    if finished.get("status") == "completed":
         print(f"reusing {run_dir}", flush=True)
-        return json.loads(done.read_text())
+        return finished
     cmd = [sys.executable, "-m", "neuralode.train", *overrides, f"hydra.run.dir={run_dir}", f"seed={seed}",
            "trainer.progress=false"]
     print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[3:])}", flush=True)
