@@ -28,6 +28,7 @@ GRADS = ("direct", "adjoint", "checkpoint", "reversible")
 TRACES = ("exact", "hutchinson")
 NOISES = ("gaussian", "rademacher")
 ACTIVATIONS = ("softplus", "tanh", "elu", "swish")
+FIELDS = ("conv", "unet")
 OBJECTIVES = ("ml", "flow_matching")
 COUPLINGS = ("independent", "exact_ot")
 NFE_GUARDS = ("warn", "stop")
@@ -137,7 +138,8 @@ class CNFConf:
     """cnf: continuous normalizing flow (FFJORD) with RNODE regularisers; see neuralode.models.cnf."""
 
     name: str = "cnf"
-    hidden_dims: List[int] = field(default_factory=lambda: [64, 64, 64])  # MLP widths (2-D) or conv channels
+    hidden_dims: List[int] = field(default_factory=lambda: [64, 64, 64])  # MLP widths (2-D), conv channels, U-Net level widths
+    field: str = "conv"  # images: conv (FFJORD's 3x3 conv stack) | unet (a small U-Net, neuralode.models.unet)
     num_blocks: int = 1
     activation: str = "softplus"  # one of ACTIVATIONS
     trace: str = "exact"  # exact (one VJP per dimension) | hutchinson
@@ -359,6 +361,10 @@ def validate(cfg) -> None:
         one_of("model.trace", m.trace, TRACES)
         one_of("model.noise", m.noise, NOISES)
         one_of("model.activation", m.activation, ACTIVATIONS)
+        one_of("model.field", m.get("field", "conv"), FIELDS)
+        if m.get("field") == "unet" and not image_data:
+            problems.append(f"model.field=unet is an image field; dataset={d.name} is 2-D (its field is the "
+                            f"concat-squash MLP): use dataset=mnist or cifar10, or drop model.field")
         positive("model.time_length", m.time_length)
         positive("model.num_blocks", m.num_blocks)
         positive("model.figure_resolution", m.figure_resolution)

@@ -259,6 +259,8 @@ def test_init_from_refuses_another_architecture(fm_run, tmp_path):
     ("model.sigma=-0.1", "model.sigma=-0.1 must be >= 0"),
     ("model.num_blocks=2", "set model.num_blocks=1"),
     ("model.ema=1.5", "model.ema=1.5 must be in [0, 1)"),
+    ("model.field=resnet", "model.field='resnet' is not one of conv, unet"),
+    ("model.field=unet", "model.field=unet is an image field; dataset=8gaussians is 2-D"),
 ])
 def test_bad_flow_matching_options_fail_at_config_time(override, message, tmp_path):
     from neuralode.config import ConfigError, validate
@@ -299,10 +301,12 @@ def test_presets_fm_checkerboard_then_ml_chain(fm_run, tmp_path):
     assert tags["nfe/forward"][-1][1] > 0  # ML: solves during training
 
 
-def test_preset_fm_mnist_runs(fake_mnist, tmp_path):
+@pytest.mark.parametrize("field", ["unet", "conv"])
+def test_preset_fm_mnist_runs(field, fake_mnist, tmp_path):
     d = tmp_path / "r"
     assert train_here("experiment=cnf_fm_mnist", "trainer=smoke", f"data_dir={fake_mnist}", "tol=1e-2",
-                      "eval.rtols=[0.1]", "model.hidden_dims=[8]", run_dir=d) == 0
+                      "eval.rtols=[0.1]", f"model.field={field}", "model.hidden_dims=[8,8]", "model.figure_samples=4",
+                      run_dir=d) == 0
     tags = scalars(d)
     assert "test/bpd" in tags and "samples/nfe/dopri5_tol=0.001" in tags and "train/fm_loss" in tags
 

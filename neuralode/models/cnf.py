@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neuralode.models.unet import UNetField
 from neuralode.solvers import SolverSettings
 
 
@@ -39,7 +40,19 @@ class Noise(str, Enum):
     rademacher = "rademacher"
 
 
+class Field(str, Enum):
+    """The image vector field: FFJORD's stack of time-concatenated 3x3 convs, or a small U-Net."""
+    conv = "conv"
+    unet = "unet"
+
+
 ACTIVATIONS = {"softplus": nn.Softplus, "tanh": nn.Tanh, "elu": nn.ELU, "swish": nn.SiLU}
+
+
+def activation_class(name: str) -> type[nn.Module]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
 
 
 # -- layers conditioned on time ---------------------------------------------------------------
@@ -74,10 +87,9 @@ class TimeNet(nn.Module):
 
     def __init__(self, layers: Sequence[nn.Module], activation: str):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
+        act = activation_class(activation)
         self.layers = nn.ModuleList(layers)
-        self.acts = nn.ModuleList(ACTIVATIONS[activation]() for _ in layers[:-1])
+        self.acts = nn.ModuleList(act() for _ in layers[:-1])
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
@@ -264,10 +276,16 @@ def cnf_2d(solver: SolverSettings, dim: int = 2, hidden: Sequence[int] = (64, 64
 
 def cnf_image(solver: SolverSettings, shape: Sequence[int], hidden: Sequence[int] = (64, 64, 64),
               num_blocks: int = 1, activation: str = "softplus", trace: Trace | str = Trace.hutchinson,
-              noise: Noise | str = Noise.rademacher, time_length: float = 1.0, regularise: bool = False) -> CNF:
-    """Single-scale image CNF: time-concatenated 3x3 conv fields."""
-    blocks = [CNFBlock(conv_field(shape[0], hidden, activation), solver, trace, noise, time_length, regularise)
-              for _ in range(num_blocks)]
+              noise: Noise | str = Noise.rademacher, time_length: float = 1.0, regularise: bool = False,
+              field: Field | str = Field.conv) -> CNF:
+    """Single-scale image CNF: time-concatenated 3x3 conv fields (``hidden``: the layers' channels)
+    or U-Net fields (``hidden``: the channels of each resolution level)."""
+    def make() -> nn.Module:
+        if Field(field) is Field.unet:
+            return UNetField(shape[0], hidden, activation_class(activation))
+        return conv_field(shape[0], hidden, activation)
+
+    blocks = [CNFBlock(make(), solver, trace, noise, time_length, regularise) for _ in range(num_blocks)]
     return CNF(blocks, tuple(shape))
 
 

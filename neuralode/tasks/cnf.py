@@ -58,7 +58,8 @@ class CNFTask(Task):
             if "channels" not in d:
                 raise ValueError(f"model=cnf needs a toy 2-D or an image dataset, got dataset.name={self.name!r}")
             self.primary_metric = "bpd"
-            self.model = cnf_image(solver, (d.channels, d.image_size, d.image_size), **common)
+            self.model = cnf_image(solver, (d.channels, d.image_size, d.image_size), field=m.get("field", "conv"),
+                                   **common)
         self._test_set: Dataset | None = None
         self._set_up_flow_matching(m)
 
@@ -182,6 +183,7 @@ class CNFTask(Task):
         m = self.cfg.model
         return {"trace": m.trace, "noise": m.noise, "kinetic_weight": self.kinetic_weight,
                 "jacobian_weight": self.jacobian_weight, "hidden_dims": str(list(m.hidden_dims)),
+                "field": m.get("field", "conv") if not self.is_toy else "mlp",
                 "num_blocks": m.num_blocks, "time_length": m.time_length, "objective": self.objective,
                 "coupling": self.coupling, "sigma": self.sigma, "ema": self.ema,
                 "init_from": str(m.get("init_from") or "")}
