@@ -11,6 +11,11 @@ regularisation, and an MNIST bits/dim smoke run.
     python scripts/bench_cnf.py fm --dataset mnist --coupling independent --budget 3600 --clock cpu --batch 64 \
         --lr 1e-3 --ema 0.99 --n-test-images 100 --eval-batch 25 --test-tol 1e-5 --grid docs/fm_mnist_samples.png
 
+    python scripts/bench_cnf.py sampling --run outputs/fm_checkerboard [--data-dir ../shared/data/mnist-10k]
+
+``sampling`` re-measures a finished ``neuralode-train`` CNF run's sampler from its checkpoint (the
+``samples/*`` scalars: sampling NFE and energy distances), with this checkout's code.
+
 ``fm`` (issue 14, docs/flow_matching.md) trains by flow matching for ``--fm-iters`` iterations
 (images: ``--budget`` seconds), reports test NLL ± s.e. through dopri5 at ``--test-tol`` with its
 NFE, sampling NFE at 1e-3/1e-5 (dopri5, tsit5), energy distances after 1/2/4/8 Euler steps and the
@@ -337,9 +342,31 @@ def fm_mnist(args) -> dict:
     return res
 
 
+def sampling(args) -> dict:
+    from omegaconf import OmegaConf
+
+    from neuralode.run import Run
+    from neuralode.tasks import build_task
+
+    _, state = Run.load_checkpoint(args.run)
+    cfg = OmegaConf.create(state["config"])
+    if "channels" in cfg.dataset:
+        cfg.data_dir = args.data_dir
+    task = build_task(cfg)
+    task.model.load_state_dict(state["model"])
+    task.datasets()
+    start = time.perf_counter()
+    res = dict(run=args.run, **task.sample_metrics(), wall_s=time.perf_counter() - start, threads=torch.get_num_threads())
+    print(json.dumps(res, indent=2), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2))
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("which", choices=["toy", "mnist", "fm"])
+    p.add_argument("which", choices=["toy", "mnist", "fm", "sampling"])
+    p.add_argument("--run", default=None, help="sampling: a neuralode-train run dir (or its .pt)")
     p.add_argument("--dataset", default="8gaussians")
     p.add_argument("--budget", type=float, default=900.0, help="training seconds (toy), on --clock")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
@@ -385,7 +412,9 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     args.tag = args.tag or f"{args.dataset} k={args.kinetic} j={args.jacobian}"
-    if args.which == "fm":
+    if args.which == "sampling":
+        sampling(args)
+    elif args.which == "fm":
         args.iters = args.fm_iters if args.dataset != "mnist" else args.iters
         args.tag = args.tag if "k=" not in args.tag else f"{args.dataset} fm {args.coupling}"
         fm(args)

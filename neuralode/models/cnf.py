@@ -196,6 +196,23 @@ class CNFBlock(nn.Module):
             final += [zeros, zeros]
         return tuple(final)  # type: ignore[return-value]
 
+    def transport(self, z: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+        """z at each of ``times`` (from ``times[0]``) under the flow alone. Sampling needs no
+        log-density: its trace would cost a VJP per evaluation (one per dimension when exact), and
+        its error would steer the step size of a solve whose output nobody reads."""
+        return self.solver.odeint(Velocity(self.net), z, times)
+
+
+class Velocity(nn.Module):
+    """The block's network as a plain field f(t, z), for solves of z alone."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.net(t, z)
+
 
 def flow_norm(scaled_error: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """RMS of the scaled error of (z, Δlogp) alone. The regulariser integrals are penalties,
@@ -253,9 +270,10 @@ class CNF(nn.Module):
         return standard_normal_logprob(z) + delta, kinetic, frob
 
     def invert(self, z: torch.Tensor) -> torch.Tensor:
-        """Map base-space points to data space (reverse time through the blocks in reverse order)."""
+        """Map base-space points to data space (reverse time through the blocks in reverse order),
+        solving for the points alone (:meth:`CNFBlock.transport`)."""
         for block in reversed(self.blocks):
-            z = block(z, reverse=True, with_regularisers=False)[0]
+            z = block.transport(z, torch.tensor([block.time_length, 0.0], dtype=z.dtype, device=z.device))[-1]
         return z
 
     @torch.no_grad()

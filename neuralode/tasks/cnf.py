@@ -223,16 +223,13 @@ class CNFTask(Task):
     @torch.no_grad()
     def trajectories(self, n: int = 400, points: int = 41) -> torch.Tensor:
         """A (3, R, R) image of sampling paths (2-D): base samples integrated from t=T to 0."""
-        from neuralode.models.cnf import CNFField, Trace as _Trace
-
         res = self.cfg.model.figure_resolution
         z = torch.randn(n, 2, generator=torch.Generator().manual_seed(2)).to(next(self.model.parameters()))
         trajs = []
         with self._evaluating():
             for blk in reversed(self.model.blocks):
                 ts = torch.linspace(blk.time_length, 0.0, points, dtype=z.dtype, device=z.device)
-                field = CNFField(blk.net, _Trace.exact, None, False)
-                traj = blk.solver.odeint(field, (z, z.new_zeros(n)), ts)[0]  # (points, n, 2)
+                traj = blk.transport(z, ts)  # (points, n, 2)
                 trajs.append(traj.reshape(-1, 2))
                 z = traj[-1]
         lines = histogram_image(torch.cat(trajs), res, EXTENT)
