@@ -179,9 +179,12 @@ class Run:
                                       "wrote") from None
             raise CheckpointError(f"resume={path}: cannot read it ({reason}); the file is damaged or not a "
                                   "checkpoint: resume from another run directory or start afresh") from None
-        except (OSError, RuntimeError, EOFError, ValueError) as e:
-            raise CheckpointError(f"resume={path}: cannot read it ({_first_line(e)}); the file is truncated or not "
-                                  "a checkpoint: resume from another run directory or start afresh") from None
+        except Exception as e:  # noqa: BLE001  garbage makes the weights-only unpickler fail in many ways
+            # (EOFError, KeyError of a memo index, ...); it executes nothing, so any failure is "unreadable"
+            reason = f"{type(e).__name__}: {_first_line(e)}" if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"resume={path}: cannot read it ({reason}); the file "
+                                  "is truncated or not a checkpoint: resume from another run directory or start "
+                                  "afresh") from None
         if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "epoch", "step"} <= state.keys():
             raise CheckpointError(f"resume={path}: not a neuralode-train checkpoint (missing model, optimizer, "
                                   "scheduler or counters)")

@@ -119,6 +119,7 @@ def _truncated(src: Path, dst: Path) -> Path:
 @pytest.mark.parametrize("case, overrides, fragments", [
     ("missing", [], ["no checkpoint there"]),
     ("corrupt", [], ["cannot read it"]),
+    ("bad memo", [], ["cannot read it (KeyError"]),
     ("truncated", [], ["cannot read it"]),
     ("other width", ["model.width=16"], ["model.width=8 there, 16 here"]),
     ("other model", ["model=resnet"], ["model.name='odenet' there, 'resnet' here"]),
@@ -132,6 +133,9 @@ def test_bad_resume_target_is_refused_before_training(case, overrides, fragments
     elif case == "corrupt":
         target = tmp_path / "corrupt.pt"
         target.write_bytes(os.urandom(4096))
+    elif case == "bad memo":  # a pickle that fetches memo entry 239, which it never stored
+        target = tmp_path / "memo.pt"
+        target.write_bytes(b"\x80\x02h\xef.")
     elif case == "truncated":
         target = _truncated(finished_run / "checkpoints" / "last.pt", tmp_path / "truncated.pt")
     out = tmp_path / "run"

@@ -9,8 +9,8 @@ Everything in it is smooth and per sample, as an ODE field must be: SiLU/softplu
 GroupNorm (statistics over one image's channels, never over the batch, so a sample's velocity
 and its Hutchinson trace do not depend on the other rows), nearest-neighbour upsampling. Time
 enters through sinusoidal features of t (one time for the batch, or one per sample in flow
-matching) mapped by a small MLP to a per-channel scale and shift in every residual block. The output conv
-starts at zero, so an untrained field is the identity flow.
+matching) mapped by a small MLP to a per-channel scale and shift in every residual block. The
+output conv starts at zero, so an untrained field is the identity flow.
 """
 
 from __future__ import annotations
@@ -89,9 +89,8 @@ class UNetField(nn.Module):
         self.lift = nn.ModuleList()
         for i in reversed(range(len(widths))):
             self.up.append(ResBlock(prev + widths[i], widths[i], emb, act))
-            prev = widths[i]
-            self.lift.append(nn.Conv2d(prev, widths[i - 1], 3, padding=1) if i > 0 else nn.Identity())
-            prev = widths[i - 1] if i > 0 else prev
+            prev = widths[max(i - 1, 0)]  # the next level up, where the lift takes it
+            self.lift.append(nn.Conv2d(widths[i], prev, 3, padding=1) if i > 0 else nn.Identity())
         self.head = nn.Sequential(nn.GroupNorm(_groups(prev), prev), act(), nn.Conv2d(prev, channels, 3, padding=1))
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
