@@ -6,6 +6,8 @@ regularisation, and an MNIST bits/dim smoke run.
     python scripts/bench_cnf.py mnist --data-dir ../shared/data/mnist-10k --iters 20
     python scripts/bench_cnf.py fm --dataset 8gaussians --coupling exact_ot --batch 256 --fm-iters 10000 \
         --test-tol 1e-5 --out /tmp/fm_8g_ot.json
+    python scripts/bench_cnf.py fm --dataset 8gaussians --coupling exact_ot --batch 128 --lr 1e-2 --activation swish \
+        --fm-iters 3000 --eval-every 500 --test-tol 1e-5     # time to FFJORD's NLL
     python scripts/bench_cnf.py fm --dataset checkerboard --batch 256 --lr 1e-2 --activation swish --fm-iters 10000 \
         --test-tol 1e-5 --then-ml 300 --clock cpu --kinetic 0.05 --jacobian 0.05 --ml-lr 1e-2 --ml-tol 1e-4
     python scripts/bench_cnf.py fm --dataset mnist --coupling independent --budget 3600 --clock cpu --batch 64 \
