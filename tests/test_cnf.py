@@ -376,7 +376,8 @@ def test_bad_cnf_options_fail_before_work(override, message, tmp_path, caplog):
 # -- config: every cnf option composes, validates and runs a tiny batch ---------------------
 CNF_OPTIONS = ([f"dataset={n}" for n in TOY_NAMES]
                + [f"experiment={e}" for e in ("cnf_8gaussians", "cnf_checkerboard", "cnf_mnist_ffjord",
-                                               "cnf_mnist_rnode")])
+                                               "cnf_mnist_rnode")]
+               + ["experiment=cnf_mnist_rnode model.field=unet"])  # ML + RNODE through the adjoint, U-Net field
 
 
 @pytest.mark.parametrize("option", CNF_OPTIONS)
@@ -388,8 +389,8 @@ def test_cnf_options_compose_and_run(option):
 
     register_configs()
     with initialize_config_module("neuralode.conf", version_base="1.3"):
-        cfg = compose("config", overrides=["model=cnf", "dataset=8gaussians", option, "rtol=1e-2", "atol=1e-2",
-                                           "model.hidden_dims=[4]"])
+        cfg = compose("config", overrides=["model=cnf", *option.split(), "rtol=1e-2", "atol=1e-2",
+                                           "model.hidden_dims=[4]"])  # no dataset= of its own: the presets' own
     validate(cfg)
     task = build_task(cfg)
     d = cfg.dataset
