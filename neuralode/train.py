@@ -454,8 +454,9 @@ def resume_command(job: Job) -> str:
 
 @torch.no_grad()
 def evaluate(job: Job, limit: int | None) -> dict[str, float]:
-    """Sample-weighted mean loss and metrics over the test set (every rank's shard), plus
-    mean forward NFE per batch."""
+    """Sample-weighted mean loss and metrics over the test set (every rank's shard), the standard
+    error ``m_se`` of each metric ``m`` the task reports with its mean square ``m_sq``, and the mean
+    forward NFE per batch."""
     task, dist, device = job.task, job.dist, job.device
     task.model.eval()
     totals: dict[str, float] = {}
@@ -477,6 +478,10 @@ def evaluate(job: Job, limit: int | None) -> dict[str, float]:
     n, batches, nfe = (sum(p[i] for p in parts) for i in (1, 2, 3))
     out = {k: sum(p[0].get(k, 0.0) for p in parts) / max(n, 1) for k in dict.fromkeys(k for p in parts for k in p[0])}
     out["nfe_forward"] = nfe / max(batches, 1)
+    for key in [k for k in out if k.endswith("_sq")]:
+        mean, mean_sq = out.get(key[:-3]), out.pop(key)
+        if mean is not None and n > 1:
+            out[key[:-3] + "_se"] = math.sqrt(max(mean_sq - mean * mean, 0.0) / (n - 1))
     return out
 
 

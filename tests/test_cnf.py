@@ -337,6 +337,21 @@ def test_entry_point_cnf_logs_nll_nfe_and_figure(tmp_path):
     assert "train/acc" not in logged
     figs = images(out)
     assert "figures/density_samples_data" in figs and figs["figures/density_samples_data"][0].width > 24
+    # test/nll and its standard error test/nll_se are those of the per-sample NLLs of the evaluated batch
+    from omegaconf import OmegaConf
+
+    from neuralode.run import Run
+    from neuralode.tasks import build_task
+
+    _, state = Run.load_checkpoint(out)
+    task = build_task(OmegaConf.create(state["config"]))
+    task.model.load_state_dict(state["model"])
+    task.model.eval()
+    x = task.datasets()[1].tensors[0][:64]  # trainer.limit_eval_batches=1 of trainer.eval_batch_size=64
+    with torch.no_grad(), task._eval_trace():
+        nll = -task.model.log_prob(x)[0]
+    assert logged["test/nll"][-1][1] == pytest.approx(nll.mean().item(), rel=1e-4)
+    assert logged["test/nll_se"][-1][1] == pytest.approx((nll.std() / 8).item(), rel=1e-3)
 
 
 def test_entry_point_cnf_regularised_logs_regularisers(tmp_path):

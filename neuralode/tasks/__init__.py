@@ -45,7 +45,9 @@ class Task:
         raise NotImplementedError
 
     def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        """Mean loss of a batch and per-batch mean metrics (e.g. ``{"acc": 0.9}``)."""
+        """Mean loss of a batch and per-batch mean metrics (e.g. ``{"acc": 0.9}``). A metric ``m``
+        with a per-sample spread may come with ``m_sq``, the batch mean of its square: evaluation
+        turns the pair into the test-set mean and its standard error ``m_se``."""
         raise NotImplementedError
 
     def log_figures(self, writer: Any, step: int) -> None:

@@ -155,12 +155,11 @@ class CNFTask(Task):
             y, logdet = (x, None) if self.is_toy else dequantize_logit(x, self.cfg.model.logit_alpha)
             z, delta, kinetic, frob = self.net(y)
             log_p = standard_normal_logprob(z) + delta
-            if self.is_toy:
-                nll = -log_p.mean()
-                metrics = {"nll": nll.item()}
-            else:
-                nll = bits_per_dim(log_p, logdet, y[0].numel()).mean()
-                metrics = {"bpd": nll.item()}
+            name, per_sample = ("nll", -log_p) if self.is_toy else ("bpd", bits_per_dim(log_p, logdet, y[0].numel()))
+            nll = per_sample.mean()
+            metrics = {name: nll.item()}
+            if not self.model.training:  # the test set's standard error (neuralode.tasks.Task.loss)
+                metrics[f"{name}_sq"] = per_sample.detach().pow(2).mean().item()
         loss = nll
         if self.kinetic_weight > 0 or self.jacobian_weight > 0:
             loss = nll + self.kinetic_weight * kinetic.mean() + self.jacobian_weight * frob.mean()
