@@ -177,16 +177,16 @@ class CNFBlock(nn.Module):
         self.trace, self.noise_kind = Trace(trace), Noise(noise)
         self.time_length, self.regularise = time_length, regularise
 
-    def forward(self, z: torch.Tensor, reverse: bool = False, with_regularisers: bool | None = None
+    def forward(self, z: torch.Tensor, with_regularisers: bool | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return ``(z(T), Δlogp, E_kin, J_frob)``; with ``reverse`` integrate from T to 0
-        (Δlogp is then the change going backwards, i.e. log p_x(x) = log p_T(z) - Δlogp)."""
+        """Return ``(z(T), Δlogp, E_kin, J_frob)``, integrating from 0 to T (sampling goes back
+        through :meth:`transport`)."""
         regularise = self.regularise if with_regularisers is None else with_regularisers
         noise = draw_noise(z, self.noise_kind) if self.trace is Trace.hutchinson else None
         field = CNFField(self.net, self.trace, noise, regularise)
         zeros = z.new_zeros(z.shape[0])
         state = (z, zeros) + ((zeros, zeros) if regularise else ())
-        t = torch.tensor([0.0, self.time_length][::-1 if reverse else 1], dtype=z.dtype, device=z.device)
+        t = torch.tensor([0.0, self.time_length], dtype=z.dtype, device=z.device)
         solver = self.solver
         if solver.parsed.norm is None:  # the same steps with and without the regulariser integrals
             solver = solver.replace(norm=flow_norm)
@@ -200,18 +200,7 @@ class CNFBlock(nn.Module):
         """z at each of ``times`` (from ``times[0]``) under the flow alone. Sampling needs no
         log-density: its trace would cost a VJP per evaluation (one per dimension when exact), and
         its error would steer the step size of a solve whose output nobody reads."""
-        return self.solver.odeint(Velocity(self.net), z, times)
-
-
-class Velocity(nn.Module):
-    """The block's network as a plain field f(t, z), for solves of z alone."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self.net(t, z)
+        return self.solver.odeint(self.net, z, times)  # the network is already a field f(t, z)
 
 
 def flow_norm(scaled_error: tuple[torch.Tensor, ...]) -> torch.Tensor:
